@@ -1,0 +1,95 @@
+"""The `lva` command line. Every foreseeable failure ends as one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from assistant import store
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lva", description="Llama 3.2 Vision on llama.cpp, offline.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from convert.quant_types import DEFAULT_QUANT, QUANT_TYPES, VISION_TYPES
+
+    quant_list = "; ".join(f"{q.name} ({q.description})" for q in QUANT_TYPES.values())
+    convert = commands.add_parser(
+        "convert", help="convert a Hugging Face checkpoint into a text GGUF and a vision GGUF",
+        description="Convert a Llama 3.2 Vision checkpoint (a local directory or a Hub repo id such as "
+                    "meta-llama/Llama-3.2-11B-Vision-Instruct) into NAME-text-QUANT.gguf and NAME-vision-QUANT.gguf.",
+        epilog=f"quant types: {quant_list}. Vision encoder types: {', '.join(VISION_TYPES)}.")
+    convert.add_argument("source", help="checkpoint directory or Hugging Face repo id")
+    convert.add_argument("--out", type=Path, help="output directory (default: the model store)")
+    convert.add_argument("--quant", default=DEFAULT_QUANT, metavar="TYPE",
+                         help=f"text tower and cross-attention type: {', '.join(QUANT_TYPES)} (default {DEFAULT_QUANT})")
+    convert.add_argument("--vision-quant", metavar="TYPE",
+                         help=f"vision encoder type: {', '.join(VISION_TYPES)} (default F16; F32 with --quant F32)")
+    convert.add_argument("--name", help="model name in the file names (default: from the checkpoint)")
+    convert.add_argument("--force", action="store_true", help="overwrite existing output files")
+    convert.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
+
+    commands.add_parser("models", help="list the converted models in the store")
+    return parser
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from convert.pipeline import convert
+
+    outputs = convert(args.source, args.out or store.models_dir(), quant=args.quant, vision_quant=args.vision_quant,
+                      name=args.name, force=args.force, threads=args.threads, progress=True)
+    print(outputs.text)
+    print(outputs.vision)
+    return 0
+
+
+def run_models(_: argparse.Namespace) -> int:
+    from models.mllama.pairing import pair_id
+
+    models = store.installed_models()
+    if not models:
+        print(f"no models in {store.models_dir()}; convert one with: "
+              f"lva convert meta-llama/Llama-3.2-11B-Vision-Instruct")
+        return 0
+    print(f"{'NAME':40} {'QUANT':8} {'SIZE':>9}  FILES")
+    for model in models:
+        if model.text and model.vision:
+            paired = pair_id(model.text) == pair_id(model.vision)
+            files = "text + vision" if paired else "text + vision (NOT a pair: converted from different checkpoints)"
+        else:
+            files = "text only" if model.text else "vision only (text file missing)"
+        print(f"{model.name:40} {model.quant:8} {model.size / 1e9:8.2f}G  {files}")
+    return 0
+
+
+COMMANDS = {"convert": run_convert, "models": run_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("lva: interrupted; nothing was kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001  (only the user-facing kinds below are caught)
+        if not _is_user_error(error):
+            raise
+        print(f"lva: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _is_user_error(error: Exception) -> bool:
+    from convert.errors import ConvertError
+    from models.ggml import LlamaCppVersionError
+
+    return isinstance(error, (ConvertError, LlamaCppVersionError))

@@ -1,0 +1,5 @@
+"""Errors a user can cause while converting; the CLI prints them in one line."""
+
+
+class ConvertError(Exception):
+    """A problem with the input or the environment that the user can fix (bad checkpoint, no access, no disk)."""

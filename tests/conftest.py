@@ -1,0 +1,34 @@
+"""Shared test fixtures: an isolated LVA_HOME, synthetic checkpoints, and running `lva` as a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic_checkpoint import small_config, write_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def lva_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own store; nothing touches the real user folders."""
+    home = tmp_path / "lva-home"
+    monkeypatch.setenv("LVA_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def checkpoint_256(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random checkpoint whose widths are multiples of 256, so every quant type applies."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-256", small_config())
+
+
+def run_lva(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m assistant ARGS` in a subprocess: the real command line, exit code and streams."""
+    return subprocess.run([sys.executable, "-m", "assistant", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
