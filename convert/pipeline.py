@@ -97,7 +97,7 @@ def convert(source: str, out_dir: Path, quant: str = DEFAULT_QUANT, vision_quant
     try:
         with published_together([outputs.text, outputs.vision]) as (text_part, vision_part), \
                 tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {model_name}",
-                     disable=not progress, file=sys.stderr) as bar:
+                     disable=None if progress else True, file=sys.stderr) as bar:  # None: off unless a TTY
             if quant_type.is_float:
                 write_text_gguf(checkpoint, text_part, intermediate_type, model_name, source_url, pair_id, bar)
             else:

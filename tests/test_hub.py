@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+import gguf
+
 from convert.hub import looks_like_repo_id
+from tests.conftest import run_lva
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,3 +266,30 @@ def test_looks_like_repo_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert not looks_like_repo_id("a/b/c")
     assert not looks_like_repo_id("just-a-name")
     assert not looks_like_repo_id("bad name/x")
+
+
+def test_lva_convert_downloads_a_repo_id_and_converts_it_into_the_store(
+    checkpoint_256: Path, lva_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with HubServer({"meta-llama/Tiny-256-Vision": checkpoint_256}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        result = run_lva("convert", "meta-llama/Tiny-256-Vision", "--quant", "Q8_0")
+    assert result.returncode == 0, result.stderr
+    models = lva_home / "models"
+    assert sorted(p.name for p in models.iterdir()) == [
+        "Tiny-256-Vision-text-Q8_0.gguf", "Tiny-256-Vision-vision-Q8_0.gguf"]
+    fields = gguf.GGUFReader(models / "Tiny-256-Vision-text-Q8_0.gguf").fields
+    assert fields["general.source.repo_url"].contents() == "https://huggingface.co/meta-llama/Tiny-256-Vision"
+
+    listing = run_lva("models")
+    assert listing.returncode == 0
+    assert "Tiny-256-Vision" in listing.stdout and "Q8_0" in listing.stdout and "text + vision" in listing.stdout
+
+
+def test_lva_convert_of_a_gated_repo_is_one_line(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with HubServer({"meta-llama/Gated": tiny_repo}, gated={"meta-llama/Gated"}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        result = run_lva("convert", "meta-llama/Gated")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("lva: error: ")
+    assert "gated" in result.stderr and "hf auth login" in result.stderr and "Traceback" not in result.stderr
