@@ -76,7 +76,8 @@ def convert(source: str, out_dir: Path, quant: str = DEFAULT_QUANT, vision_quant
     vision_type = parse_vision_quant(vision_quant, quant_type)
     directory, source_url, default_name = resolve_source(source)
     checkpoint = Checkpoint.open(directory)
-    outputs = output_paths(out_dir, name or default_name, quant_type.name)
+    model_name = name or default_name
+    outputs = output_paths(out_dir, model_name, quant_type.name)
     existing = [p.name for p in (outputs.text, outputs.vision) if p.exists()]
     if existing and not force:
         raise ConvertError(f"{existing[0]} already exists in {out_dir}; pass --force to overwrite")
@@ -91,7 +92,6 @@ def convert(source: str, out_dir: Path, quant: str = DEFAULT_QUANT, vision_quant
     _check_disk_space(out_dir, text_plan, vision_plan, quantizing=not quant_type.is_float)
 
     pair_id = checkpoint.fingerprint()
-    model_name = name or default_name
     total = sum(4 * t.n_rows * t.row_length for t in text_plan + vision_plan)
     unquantized = part_path(out_dir / f".{outputs.text.stem}-unquantized.gguf")
     try:

@@ -34,6 +34,9 @@ QUANT_TYPES = {q.name: q for q in (
     QuantType("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, T.Q4_K, "4-bit k-quant mix, the usual choice"),
 )}
 
+# llama.cpp's file-type id for a text file written directly in a float type.
+FLOAT_FTYPES = {q.cross_attention: q.llama_ftype for q in QUANT_TYPES.values() if q.is_float}
+
 VISION_TYPES = {t.name: t for t in (T.F32, T.F16, T.BF16, T.Q8_0)}
 DEFAULT_QUANT = "Q4_K_M"
 

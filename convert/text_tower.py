@@ -8,6 +8,7 @@ interleaved one llama.cpp's `llama` architecture uses (as convert_hf_to_gguf doe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -16,14 +17,13 @@ from tqdm import tqdm
 
 from convert.checkpoint import Checkpoint
 from convert.gguf_output import PlannedTensor, Rows, add_metadata, write_gguf
-from convert.quant_types import storage_type
+from convert.quant_types import FLOAT_FTYPES, storage_type
 from convert.tokenizer import read_vocabulary
 from models.mllama import gguf_keys as K
 from models.mllama import weights as W
 from models.mllama.weights import Kind
 
 ARCHITECTURE = "llama"
-LLAMA_FTYPE_OF = {T.F32: 0, T.F16: 1, T.BF16: 32}   # llama.cpp's file-type ids for the float types
 
 
 def checkpoint_rows(checkpoint: Checkpoint, hf_name: str, row_length: int) -> Rows:
@@ -37,7 +37,7 @@ def array_rows(array: np.ndarray) -> Rows:
     return lambda start, stop: rows[start:stop]
 
 
-def whole_tensor_rows(checkpoint: Checkpoint, hf_name: str, transform) -> Rows:
+def whole_tensor_rows(checkpoint: Checkpoint, hf_name: str, transform: Callable[[np.ndarray], np.ndarray]) -> Rows:
     """Rows of a tensor that must be transformed as a whole (RoPE permutation): loaded once, on demand."""
     entry = checkpoint.entry(hf_name)
     cache: dict[str, np.ndarray] = {}
@@ -116,7 +116,7 @@ def text_metadata(checkpoint: Checkpoint, writer: gguf.GGUFWriter, float_type: T
     writer.add_rope_dimension_count(text.head_dim)
     writer.add_layer_norm_rms_eps(text.rms_norm_eps)
     writer.add_vocab_size(text.vocab_size)
-    writer.add_file_type(LLAMA_FTYPE_OF[float_type])
+    writer.add_file_type(FLOAT_FTYPES[float_type])
 
     vocab = read_vocabulary(checkpoint.tokenizer, checkpoint.tokenizer_config, text.vocab_size)
     writer.add_tokenizer_model("gpt2")
