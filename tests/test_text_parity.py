@@ -31,7 +31,9 @@ def fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     reference = json.loads((directory / "reference.json").read_text())
     pair = convert(str(directory / reference["checkpoint"]), tmp_path_factory.mktemp(request.param), quant="F32",
                    progress=False)
-    model = llama_cpp.Llama(str(pair.text), n_ctx=512, n_batch=512, logits_all=True, verbose=False)
+    # llama.cpp keeps K/V in F16 by default; an F32 parity run keeps them in F32 too.
+    model = llama_cpp.Llama(str(pair.text), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     with np.load(directory / "reference.npz") as arrays:
         logits = {key.split("/", 1)[1]: arrays[key] for key in arrays.files if key.startswith("logits/")}
     return reference, model, logits

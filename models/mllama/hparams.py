@@ -46,7 +46,9 @@ class Rope:
             factor=float(params["factor"]),
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+            # HF falls back to the context length when the original one is not given.
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings",
+                                                            text_config.get("max_position_embeddings", 8192))),
         )
 
     def llama3_factors(self, head_dim: int) -> np.ndarray | None:
