@@ -63,8 +63,15 @@ def run_models(_: argparse.Namespace) -> int:
             files = "text + vision" if paired else "text + vision (NOT a pair: converted from different checkpoints)"
         else:
             files = "text only" if model.text else "vision only (text file missing)"
-        print(f"{model.name:40} {model.quant:8} {model.size / 1e9:8.2f}G  {files}")
+        print(f"{model.name:40} {model.quant:8} {_human_size(model.size):>9}  {files}")
     return 0
+
+
+def _human_size(n_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes} B"
 
 
 COMMANDS = {"convert": run_convert, "models": run_models}
