@@ -2,11 +2,17 @@
 
 ggml has no stable ABI: struct layouts and signatures move between releases, so the binding is only
 trusted with the exact llama-cpp-python it was written against. Importing this module checks that.
+
+Three parts: quantization (the converter), graph building (`Graph`: a ggml context whose methods are
+the ops, returning tensor pointers), and backends (`Backend`: where weights live and graphs run, the
+same device llama.cpp uses).
 """
 
 from __future__ import annotations
 
 import ctypes
+from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
+from typing import Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -28,15 +34,126 @@ if llama_cpp.__version__ != PINNED_LLAMA_CPP_PYTHON:
 
 from llama_cpp._ggml import libggml as _lib  # noqa: E402  (after the version check, on purpose)
 
-_lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-_lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-_lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-_lib.ggml_row_size.restype = ctypes.c_size_t
-_lib.ggml_blck_size.argtypes = [ctypes.c_int]
-_lib.ggml_blck_size.restype = ctypes.c_int64
-_lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-_lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+Tensor = int                      # a `struct ggml_tensor *`, as ctypes hands it back
+F32, F16, I32 = GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.I32
+
+MAX_DIMS, MAX_SRC, MAX_OP_PARAMS, MAX_NAME = 4, 10, 64, 64
+
+
+class TensorStruct(ctypes.Structure):
+    """`struct ggml_tensor` (ggml.h); read for shapes, strides and names."""
+
+    _fields_ = [
+        ("type", c_int),
+        ("buffer", c_void_p),
+        ("ne", c_int64 * MAX_DIMS),
+        ("nb", c_size_t * MAX_DIMS),
+        ("op", c_int),
+        ("op_params", c_int32 * (MAX_OP_PARAMS // 4)),
+        ("flags", c_int32),
+        ("src", c_void_p * MAX_SRC),
+        ("view_src", c_void_p),
+        ("view_offs", c_size_t),
+        ("data", c_void_p),
+        ("name", ctypes.c_char * MAX_NAME),
+        ("extra", c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+class InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", c_bool)]
+
+
+class DevCaps(ctypes.Structure):
+    _fields_ = [("async_", c_bool), ("host_buffer", c_bool), ("buffer_from_host_ptr", c_bool),
+                ("events", c_bool), ("mmap_support", c_bool)]
+
+
+class DevProps(ctypes.Structure):
+    _fields_ = [("name", c_char_p), ("description", c_char_p), ("memory_free", c_size_t),
+                ("memory_total", c_size_t), ("type", c_int), ("device_id", c_char_p), ("caps", DevCaps)]
+
+
+DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2
+T = c_void_p
+
+
+def _sig(name: str, restype, *argtypes) -> None:
+    fn = getattr(_lib, name)
+    fn.restype, fn.argtypes = restype, list(argtypes)
+
+
+for _name, _res, _args in [
+    # quantization
+    ("ggml_quantize_chunk", c_size_t, [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p]),
+    ("ggml_row_size", c_size_t, [c_int, c_int64]),
+    ("ggml_blck_size", c_int64, [c_int]),
+    ("ggml_quantize_requires_imatrix", c_bool, [c_int]),
+    # contexts, tensors, graphs
+    ("ggml_init", c_void_p, [InitParams]),
+    ("ggml_free", None, [c_void_p]),
+    ("ggml_tensor_overhead", c_size_t, []),
+    ("ggml_graph_overhead_custom", c_size_t, [c_size_t, c_bool]),
+    ("ggml_new_graph_custom", c_void_p, [c_void_p, c_size_t, c_bool]),
+    ("ggml_build_forward_expand", None, [c_void_p, T]),
+    ("ggml_graph_n_nodes", c_int, [c_void_p]),
+    ("ggml_new_tensor", T, [c_void_p, c_int, c_int, POINTER(c_int64)]),
+    ("ggml_set_name", T, [T, c_char_p]),
+    ("ggml_get_name", c_char_p, [T]),
+    ("ggml_set_input", None, [T]),
+    ("ggml_set_output", None, [T]),
+    ("ggml_nbytes", c_size_t, [T]),
+    ("ggml_nelements", c_int64, [T]),
+    ("ggml_n_dims", c_int, [T]),
+    # ops
+    ("ggml_add", T, [c_void_p, T, T]),
+    ("ggml_mul", T, [c_void_p, T, T]),
+    ("ggml_scale", T, [c_void_p, T, c_float]),
+    ("ggml_mul_mat", T, [c_void_p, T, T]),
+    ("ggml_norm", T, [c_void_p, T, c_float]),
+    ("ggml_rms_norm", T, [c_void_p, T, c_float]),
+    ("ggml_gelu_erf", T, [c_void_p, T]),
+    ("ggml_silu", T, [c_void_p, T]),
+    ("ggml_soft_max_ext", T, [c_void_p, T, T, c_float, c_float]),
+    ("ggml_flash_attn_ext", T, [c_void_p, T, T, T, T, c_float, c_float, c_float]),
+    ("ggml_concat", T, [c_void_p, T, T, c_int]),
+    ("ggml_repeat_4d", T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64]),
+    ("ggml_pad", T, [c_void_p, T, c_int, c_int, c_int, c_int]),
+    ("ggml_get_rows", T, [c_void_p, T, T]),
+    ("ggml_cpy", T, [c_void_p, T, T]),
+    ("ggml_cast", T, [c_void_p, T, c_int]),
+    ("ggml_cont", T, [c_void_p, T]),
+    ("ggml_permute", T, [c_void_p, T, c_int, c_int, c_int, c_int]),
+    ("ggml_reshape_4d", T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64]),
+    ("ggml_view_4d", T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t, c_size_t]),
+    # backends
+    ("ggml_backend_dev_count", c_size_t, []),
+    ("ggml_backend_dev_get", c_void_p, [c_size_t]),
+    ("ggml_backend_dev_get_props", None, [c_void_p, POINTER(DevProps)]),
+    ("ggml_backend_dev_init", c_void_p, [c_void_p, c_char_p]),
+    ("ggml_backend_dev_backend_reg", c_void_p, [c_void_p]),
+    ("ggml_backend_dev_buffer_from_host_ptr", c_void_p, [c_void_p, c_void_p, c_size_t, c_size_t]),
+    ("ggml_backend_reg_get_proc_address", c_void_p, [c_void_p, c_char_p]),
+    ("ggml_backend_free", None, [c_void_p]),
+    ("ggml_backend_get_default_buffer_type", c_void_p, [c_void_p]),
+    ("ggml_backend_alloc_ctx_tensors", c_void_p, [c_void_p, c_void_p]),
+    ("ggml_backend_buffer_free", None, [c_void_p]),
+    ("ggml_backend_buffer_get_size", c_size_t, [c_void_p]),
+    ("ggml_backend_tensor_alloc", c_int, [c_void_p, T, c_void_p]),
+    ("ggml_backend_tensor_set", None, [T, c_void_p, c_size_t, c_size_t]),
+    ("ggml_backend_tensor_get", None, [T, c_void_p, c_size_t, c_size_t]),
+    ("ggml_backend_graph_compute", c_int, [c_void_p, c_void_p]),
+    ("ggml_gallocr_new", c_void_p, [c_void_p]),
+    ("ggml_gallocr_free", None, [c_void_p]),
+    ("ggml_gallocr_alloc_graph", c_bool, [c_void_p, c_void_p]),
+]:
+    _sig(_name, _res, *_args)
+
+_SET_N_THREADS = ctypes.CFUNCTYPE(None, c_void_p, c_int)
+
+
+# ---------------------------------------------------------------------------------------------- quantization
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
@@ -63,3 +180,249 @@ def quantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     written = _lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
     assert written == out.nbytes, (written, out.nbytes)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+def struct(t: Tensor) -> TensorStruct:
+    return TensorStruct.from_address(t)
+
+
+def shape(t: Tensor) -> tuple[int, int, int, int]:
+    """ggml order: ne[0] is the contiguous (fastest) dimension."""
+    return tuple(struct(t).ne)  # type: ignore[return-value]
+
+
+def name_of(t: Tensor) -> bytes:
+    return struct(t).name
+
+
+def tensor_set(t: Tensor, array: np.ndarray) -> None:
+    """Copy a C-contiguous array into a backend tensor of the same byte size."""
+    array = np.ascontiguousarray(array)
+    if array.nbytes != _lib.ggml_nbytes(t):
+        raise ValueError(f"size mismatch setting {name_of(t)!r}: {array.nbytes} vs {_lib.ggml_nbytes(t)} bytes")
+    _lib.ggml_backend_tensor_set(t, array.ctypes.data, 0, array.nbytes)
+
+
+def read_rows(t: Tensor, out: np.ndarray, offset: int = 0) -> None:
+    """Fill `out` with `out.nbytes` bytes of a backend tensor, starting `offset` bytes in."""
+    _lib.ggml_backend_tensor_get(t, out.ctypes.data, offset, out.nbytes)
+
+
+def write_rows(t: Tensor, data: np.ndarray, offset: int = 0) -> None:
+    """Overwrite `data.nbytes` bytes of a backend tensor, starting `offset` bytes in."""
+    data = np.ascontiguousarray(data)
+    _lib.ggml_backend_tensor_set(t, data.ctypes.data, offset, data.nbytes)
+
+
+def tensor_get(t: Tensor, dtype=np.float32) -> np.ndarray:
+    """A backend tensor's contents as a numpy array in numpy order (reversed ggml `ne`)."""
+    ne = list(reversed(shape(t)[: _lib.ggml_n_dims(t)]))
+    out = np.empty(ne, dtype=dtype)
+    if out.nbytes != _lib.ggml_nbytes(t):
+        raise ValueError(f"{name_of(t)!r} is not a contiguous {np.dtype(dtype).name} tensor")
+    _lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- graphs
+
+
+class Graph:
+    """A ggml context (metadata only) plus a compute graph; its methods are the ops, named as in ggml.
+
+    Tensors are plain pointers. Shapes are written in ggml order, contiguous dimension first.
+    """
+
+    def __init__(self, max_nodes: int = 8192) -> None:
+        size = _lib.ggml_tensor_overhead() * max_nodes + _lib.ggml_graph_overhead_custom(max_nodes, False)
+        self.ctx = _lib.ggml_init(InitParams(size, None, True))
+        if not self.ctx:
+            raise MemoryError("ggml_init failed")
+        self.graph = _lib.ggml_new_graph_custom(self.ctx, max_nodes, False)
+
+    def close(self) -> None:
+        if self.ctx:
+            _lib.ggml_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def new(self, qtype: GGMLQuantizationType, *ne: int, name: str | None = None) -> Tensor:
+        dims = (c_int64 * len(ne))(*ne)
+        t = _lib.ggml_new_tensor(self.ctx, int(qtype), len(ne), dims)
+        if name:
+            _lib.ggml_set_name(t, name.encode())
+        return t
+
+    def input(self, qtype: GGMLQuantizationType, *ne: int, name: str) -> Tensor:
+        t = self.new(qtype, *ne, name=name)
+        _lib.ggml_set_input(t)
+        return t
+
+    def output(self, t: Tensor) -> Tensor:
+        _lib.ggml_set_output(t)
+        self.expand(t)
+        return t
+
+    def expand(self, t: Tensor) -> None:
+        _lib.ggml_build_forward_expand(self.graph, t)
+
+    @property
+    def n_nodes(self) -> int:
+        return _lib.ggml_graph_n_nodes(self.graph)
+
+    # arithmetic
+    def add(self, a: Tensor, b: Tensor) -> Tensor: return _lib.ggml_add(self.ctx, a, b)
+    def mul(self, a: Tensor, b: Tensor) -> Tensor: return _lib.ggml_mul(self.ctx, a, b)
+    def scale(self, a: Tensor, s: float) -> Tensor: return _lib.ggml_scale(self.ctx, a, s)
+    def mul_mat(self, w: Tensor, x: Tensor) -> Tensor: return _lib.ggml_mul_mat(self.ctx, w, x)
+    def gelu(self, a: Tensor) -> Tensor: return _lib.ggml_gelu_erf(self.ctx, a)
+    def silu(self, a: Tensor) -> Tensor: return _lib.ggml_silu(self.ctx, a)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        y = self.mul_mat(weight, x)
+        return y if bias is None else self.add(y, bias)
+
+    def layer_norm(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        return self.add(self.mul(_lib.ggml_norm(self.ctx, x, eps), weight), bias)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        return self.mul(_lib.ggml_rms_norm(self.ctx, x, eps), weight)
+
+    def soft_max(self, a: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        return _lib.ggml_soft_max_ext(self.ctx, a, mask, scale, 0.0)
+
+    def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+        return _lib.ggml_flash_attn_ext(self.ctx, q, k, v, mask, scale, 0.0, 0.0)
+
+    # layout
+    def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor: return _lib.ggml_concat(self.ctx, a, b, dim)
+    def get_rows(self, table: Tensor, ids: Tensor) -> Tensor: return _lib.ggml_get_rows(self.ctx, table, ids)
+    def cpy(self, src: Tensor, dst: Tensor) -> Tensor: return _lib.ggml_cpy(self.ctx, src, dst)
+    def cont(self, a: Tensor) -> Tensor: return _lib.ggml_cont(self.ctx, a)
+
+    def cast(self, a: Tensor, qtype: GGMLQuantizationType) -> Tensor:
+        return a if struct(a).type == int(qtype) else _lib.ggml_cast(self.ctx, a, int(qtype))
+
+    def pad(self, a: Tensor, p0: int = 0, p1: int = 0, p2: int = 0, p3: int = 0) -> Tensor:
+        return _lib.ggml_pad(self.ctx, a, p0, p1, p2, p3)
+
+    def repeat(self, a: Tensor, *ne: int) -> Tensor:
+        full = (*ne, 1, 1, 1)[:4]
+        return _lib.ggml_repeat_4d(self.ctx, a, *full)
+
+    def permute(self, a: Tensor, *axes: int) -> Tensor:
+        return _lib.ggml_permute(self.ctx, a, *(*axes, 3)[:4])
+
+    def reshape(self, a: Tensor, *ne: int) -> Tensor:
+        full = (*ne, 1, 1, 1)[:4]
+        return _lib.ggml_reshape_4d(self.ctx, a, *full)
+
+    def view(self, a: Tensor, ne: Sequence[int], offset: int = 0) -> Tensor:
+        """A view with `a`'s own strides over the leading `ne` elements of each dimension."""
+        full = (*ne, 1, 1, 1)[:4]
+        nb = struct(a).nb
+        return _lib.ggml_view_4d(self.ctx, a, *full, nb[1], nb[2], nb[3], offset)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def _devices() -> list[tuple[int, DevProps]]:
+    found = []
+    for i in range(_lib.ggml_backend_dev_count()):
+        dev = _lib.ggml_backend_dev_get(i)
+        props = DevProps()
+        _lib.ggml_backend_dev_get_props(dev, ctypes.byref(props))
+        found.append((dev, props))
+    return found
+
+
+class Backend:
+    """One ggml device and backend: a GPU when llama.cpp was built with one, else the CPU.
+
+    llama.cpp offloads every layer to the first GPU it finds; the vision tower and cross-attention layers
+    go to the same device so image K/V never crosses the bus per token.
+    """
+
+    def __init__(self, n_threads: int) -> None:
+        devices = _devices()
+        gpus = [(d, p) for d, p in devices if p.type in (DEVICE_GPU, DEVICE_IGPU)]
+        cpus = [(d, p) for d, p in devices if p.type == DEVICE_CPU]
+        self.device, props = (gpus or cpus)[0]
+        self.name = props.name.decode()
+        self.description = (props.description or b"").decode()
+        self.is_cpu = props.type == DEVICE_CPU
+        self.maps_host_memory = bool(props.caps.buffer_from_host_ptr)
+        self.handle = _lib.ggml_backend_dev_init(self.device, None)
+        if not self.handle:
+            raise RuntimeError(f"could not start the ggml backend {self.name}")
+        self.set_n_threads(n_threads)
+
+    def set_n_threads(self, n_threads: int) -> None:
+        reg = _lib.ggml_backend_dev_backend_reg(self.device)
+        address = _lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+        if address:
+            _SET_N_THREADS(address)(self.handle, n_threads)
+
+    def close(self) -> None:
+        if self.handle:
+            _lib.ggml_backend_free(self.handle)
+            self.handle = None
+
+    def alloc(self, graph: Graph) -> int:
+        """Give every tensor of a graph's context memory on this backend; returns the buffer."""
+        buffer = _lib.ggml_backend_alloc_ctx_tensors(graph.ctx, self.handle)
+        if not buffer:
+            raise MemoryError(f"out of memory on {self.name}")
+        return buffer
+
+    def map_host(self, address: int, size: int) -> int | None:
+        """A buffer over host memory (an mmap'd file), when the device can read it in place."""
+        if not self.maps_host_memory:
+            return None
+        return _lib.ggml_backend_dev_buffer_from_host_ptr(self.device, address, size, size) or None
+
+
+def free_buffer(buffer: int | None) -> None:
+    if buffer:
+        _lib.ggml_backend_buffer_free(buffer)
+
+
+def place(buffer: int, t: Tensor, address: int) -> None:
+    """Point a tensor at `address` inside a buffer made by `Backend.map_host`."""
+    if _lib.ggml_backend_tensor_alloc(buffer, t, address) != 0:
+        raise RuntimeError(f"could not place {name_of(t)!r} in its mapped buffer")
+
+
+class Scratch:
+    """Scratch memory for running graphs on a backend, reused from one graph to the next (grows as needed).
+
+    Inputs are set after the graph is placed in the scratch memory, so `run` takes them.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.allocator = _lib.ggml_gallocr_new(_lib.ggml_backend_get_default_buffer_type(backend.handle))
+
+    def run(self, graph: Graph, inputs: dict[Tensor, np.ndarray] | None = None) -> None:
+        if not _lib.ggml_gallocr_alloc_graph(self.allocator, graph.graph):
+            raise MemoryError(f"out of memory on {self.backend.name} for a graph of {graph.n_nodes} nodes")
+        for t, array in (inputs or {}).items():
+            if struct(t).buffer:                   # an input the graph does not use gets no memory
+                tensor_set(t, array)
+        status = _lib.ggml_backend_graph_compute(self.backend.handle, graph.graph)
+        if status != 0:
+            raise RuntimeError(f"ggml graph computation failed (status {status})")
+
+    def close(self) -> None:
+        if self.allocator:
+            _lib.ggml_gallocr_free(self.allocator)
+            self.allocator = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,425 @@
+"""A converted Llama 3.2 Vision pair running on llama.cpp: the runtime contract of DESIGN.md.
+
+The text file is a plain llama model decoded by llama.cpp; the vision file's tower and cross-attention
+layers run as ggml graphs on the same backend, joined to the decoder by `CrossAttentionHook`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import llama_cpp
+import numpy as np
+
+from assistant.images import ImageSource, PreprocessedImage, content_id, load_image, preprocess
+from assistant.runtime.hook import Batch, CrossAttentionHook
+from models import ggml
+from models.gguf_tensors import GGUFError, GGUFTensors
+from models.mllama import gguf_keys as K
+from models.mllama.cross_attention import Gates
+from models.mllama.hparams import MllamaHParams
+from models.mllama.vision import ImageKV, VisionTower, encode
+from models.mllama.weights import CrossAttentionLayer, ImageToken, cross_attention_prefixes
+
+Progress = Callable[[str, float], None]
+IMAGE_TOKEN = "<|image|>"
+IMAGE_CACHE_SIZE = 4
+KV_CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+
+
+class ModelError(ValueError):
+    """A model, prompt or image the runtime cannot use; the message is one line for the user."""
+
+
+def _quiet_llama_logs() -> None:
+    """llama.cpp logs every tensor it loads on stderr; lva reports errors itself."""
+    global _LOG_CALLBACK
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+_LOG_CALLBACK = None
+
+
+def find_vision_file(text_path: Path) -> Path | None:
+    """The vision file written beside a text file by `lva convert` (NAME-text-Q.gguf -> NAME-vision-*.gguf)."""
+    if "-text-" not in text_path.name:
+        return None
+    stem = text_path.name.rsplit("-text-", 1)[0]
+    candidates = sorted(text_path.parent.glob(f"{stem}-vision-*.gguf"))
+    return candidates[0] if candidates else None
+
+
+class VisionFile:
+    """The vision GGUF on the backend: tower, cross layers, image-token embedding, hyperparameters."""
+
+    def __init__(self, path: Path, backend: ggml.Backend, progress: Progress | None) -> None:
+        self.tensors = GGUFTensors(path, backend, progress=(lambda f: progress("loading vision model", f))
+                                   if progress else None)
+        meta = self.tensors.metadata
+        if meta.get("general.architecture") != K.ARCHITECTURE:
+            raise ModelError(f"{path.name} is not an lva vision file (architecture "
+                             f"{meta.get('general.architecture')!r})")
+        self.pair_id = meta.get(K.PAIR_ID)
+        self.hp = MllamaHParams.from_gguf_metadata(meta)
+        self.tower = VisionTower.load(self.tensors, self.hp.vision)
+        self.cross_layers: dict[int, CrossAttentionLayer] = {}
+        self.gates: dict[int, Gates] = {}
+        for index in self.hp.text.cross_attention_layers:
+            prefix = cross_attention_prefixes(index)[0]
+            self.cross_layers[index] = self.tensors.fill(CrossAttentionLayer, prefix)
+            self.gates[index] = Gates.load(self.tensors, prefix)
+        weights_type = ggml.struct(next(iter(self.cross_layers.values())).attn_k).type
+        self.kv_type = ggml.F32 if weights_type == int(ggml.F32) else ggml.F16
+        info = next(t for t in self.tensors.reader.tensors if t.name == ImageToken.__dataclass_fields__["embd"]
+                    .metadata["gguf"])
+        self.image_token_embedding = np.asarray(info.data, dtype=np.float32).reshape(-1).copy()
+
+    def close(self) -> None:
+        self.tensors.close()
+
+
+class MllamaModel:
+    """See DESIGN.md, "The runtime contract". Not thread-safe: one caller at a time."""
+
+    def __init__(self, text_path: Path, vision_path: Path | None, n_ctx: int = 4096, n_threads: int | None = None,
+                 kv_cache_type: str = "f16", progress: Progress | None = None) -> None:
+        _quiet_llama_logs()
+        llama_cpp.llama_backend_init()
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type]
+        self.text_path = Path(text_path)
+        self._model = self._load_text(self.text_path, progress)
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.backend = ggml.Backend(self.n_threads)
+        self.vision: VisionFile | None = None
+        self.hook: CrossAttentionHook | None = None
+        self._scratch: ggml.Scratch | None = None
+        self._images: OrderedDict[str, ImageKV] = OrderedDict()
+        self._ctx = None
+        self._ctx_tokens: list[int] = []
+        self._ctx_image: str | None = None
+        if vision_path is not None:
+            self._attach_vision(Path(vision_path), progress)
+        self.image_token_id = (self.vision.hp.image_token_id if self.vision else self.n_vocab)
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _load_text(self, path: Path, progress: Progress | None):
+        if not path.is_file():
+            raise ModelError(f"{path}: no such model file")
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 999
+        if progress:
+            def on_progress(fraction: float, _user_data) -> bool:
+                progress("loading text model", float(fraction))
+                return True
+            self._load_progress = llama_cpp.llama_progress_callback(on_progress)
+            params.progress_callback = self._load_progress
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ModelError(f"{path.name} could not be loaded by llama.cpp (not a GGUF text model, or truncated)")
+        return model
+
+    def _text_metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else None
+
+    def _attach_vision(self, path: Path, progress: Progress | None) -> None:
+        if not path.is_file():
+            raise ModelError(f"{path}: no such vision file")
+        try:
+            vision = VisionFile(path, self.backend, progress)
+        except GGUFError as exc:
+            raise ModelError(str(exc)) from None
+        text_pair = self._text_metadata(K.PAIR_ID)
+        if text_pair is None or text_pair != vision.pair_id:
+            vision.close()
+            raise ModelError(f"{path.name} is not the vision file of {self.text_path.name} (they were converted "
+                             f"separately); use the pair `lva convert` wrote together")
+        self.vision = vision
+        self._scratch = ggml.Scratch(self.backend)
+        n_self = llama_cpp.llama_model_n_layer(self._model)
+        self.hook = CrossAttentionHook(self.backend, vision.cross_layers, vision.gates, vision.hp.text,
+                                       vision.image_token_embedding, vision.hp.image_token_id, n_self)
+
+    # ------------------------------------------------------------------------------------------ text
+
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """Special tokens written in the text are parsed as such; `<|image|>` becomes `image_token_id`."""
+        ids: list[int] = []
+        for i, part in enumerate(text.split(IMAGE_TOKEN)):
+            if i:
+                ids.append(self.image_token_id)
+            ids.extend(self._tokenize_text(part, add_bos=add_bos and i == 0))
+        return ids
+
+    def _tokenize_text(self, text: str, add_bos: bool) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, True)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_end_of_turn(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    # ------------------------------------------------------------------------------------------ images
+
+    def preprocess(self, image: ImageSource) -> PreprocessedImage:
+        vision = self._require_vision()
+        v = vision.hp.vision
+        return preprocess(load_image(image), vision.hp.preprocessing, v.image_size, v.max_num_tiles,
+                          v.supported_aspect_ratios)
+
+    def encode_image(self, image: ImageSource, progress: Progress | None = None) -> tuple[str, ImageKV]:
+        """K/V of every cross layer for an image, from the in-memory cache when this image was seen."""
+        vision = self._require_vision()
+        picture = load_image(image)
+        key = f"{content_id(picture)}:{vision.pair_id}"
+        if key in self._images:
+            self._images.move_to_end(key)
+            return key, self._images[key]
+        v = vision.hp.vision
+        pre = preprocess(picture, vision.hp.preprocessing, v.image_size, v.max_num_tiles, v.supported_aspect_ratios)
+        kv = encode(self.backend, self._scratch, vision.tower, vision.cross_layers, vision.hp, pre.pixels,
+                    pre.aspect_ratio_id, pre.num_tiles, vision.kv_type,
+                    (lambda f: progress("encoding image", f)) if progress else None)
+        self._images[key] = kv
+        self._evict_images()
+        return key, kv
+
+    def _evict_images(self) -> None:
+        bound = self.hook.image if self.hook else None
+        for key in list(self._images):
+            if len(self._images) <= IMAGE_CACHE_SIZE:
+                break
+            if self._images[key] is not bound:
+                self._images.pop(key).close()
+
+    def _require_vision(self) -> VisionFile:
+        if self.vision is None:
+            raise ModelError(f"{self.text_path.name} has no vision file, so it cannot look at images")
+        return self.vision
+
+    # ------------------------------------------------------------------------------------------ decoding
+
+    def _new_context(self, n_ctx: int):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = min(n_ctx, 512)
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.type_k = params.type_v = self.kv_cache_type
+        if self.kv_cache_type == llama_cpp.GGML_TYPE_F32:      # exact mode: llama.cpp's CPU flash attention is F16
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if self.hook is not None:
+            params.cb_eval = self.hook.callback
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ModelError(f"could not create a llama.cpp context of {n_ctx} tokens (out of memory?)")
+        return ctx
+
+    def _bind(self, token_ids: Sequence[int], image: ImageSource | None,
+              progress: Progress | None) -> tuple[str | None, int | None]:
+        """Encode the image (if any) and find where the sequence starts seeing it."""
+        has_token = self.image_token_id in token_ids
+        if image is None:
+            if self.hook is not None:
+                self.hook.bind(None, None)
+            if has_token:
+                raise ModelError(f"the prompt has {IMAGE_TOKEN} but no image was given")
+            return None, None
+        if not has_token:
+            raise ModelError(f"an image was given but the prompt has no {IMAGE_TOKEN} token to bind it to")
+        key, kv = self.encode_image(image, progress)
+        self.hook.bind(kv, list(token_ids).index(self.image_token_id))
+        return key, self.hook.image_start
+
+    def _decode(self, ctx, token_ids: Sequence[int], start: int, outputs: np.ndarray,
+                on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
+        """Evaluate `token_ids` at positions start.. in batches; `on_logits(rows, logits)` per batch."""
+        n_batch = min(self.n_ctx, 512)
+        tokens = np.asarray(token_ids, dtype=np.int32)
+        if tokens.size and (tokens.max() > self.image_token_id or tokens.min() < 0 or
+                            (tokens.max() == self.image_token_id and self.vision is None)):
+            raise ModelError("a token id is outside the model's vocabulary")
+        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        try:
+            for first in range(0, len(tokens), n_batch):
+                chunk = tokens[first:first + n_batch]
+                wanted = outputs[first:first + n_batch]
+                for i, token in enumerate(chunk):
+                    batch.token[i] = 0 if token == self.image_token_id else int(token)   # placeholder id
+                    batch.pos[i] = start + first + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = bool(wanted[i])
+                batch.n_tokens = len(chunk)
+                if self.hook is not None:
+                    self.hook.error = None
+                    self.hook.prepare(Batch(chunk, np.arange(start + first, start + first + len(chunk),
+                                                             dtype=np.int32), wanted))
+                status = llama_cpp.llama_decode(ctx, batch)
+                if self.hook is not None and self.hook.error is not None:
+                    raise self.hook.error
+                if status != 0:
+                    raise ModelError(f"llama.cpp could not evaluate the prompt (status {status}; "
+                                     f"context of {self.n_ctx} tokens full?)")
+                if on_logits is not None and wanted.any():
+                    n_out = int(wanted.sum())
+                    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n_out, self.n_vocab))
+                    on_logits(np.flatnonzero(wanted) + first, logits.copy())
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    def logits(self, token_ids: Sequence[int], image: ImageSource | None = None) -> np.ndarray:
+        """float32 [len(token_ids), n_vocab]: every position, from a fresh context."""
+        self._bind(token_ids, image, None)
+        out = np.empty((len(token_ids), self.n_vocab), dtype=np.float32)
+
+        def keep(rows: np.ndarray, logits: np.ndarray) -> None:
+            out[rows] = logits
+
+        ctx = self._new_context(max(256, -(-len(token_ids) // 256) * 256))
+        try:
+            self._decode(ctx, token_ids, 0, np.ones(len(token_ids), dtype=bool), keep)
+        finally:
+            llama_cpp.llama_free(ctx)
+        return out
+
+    def _prefill(self, token_ids: Sequence[int], image_key: str | None) -> np.ndarray:
+        """Bring the kept context to `token_ids`, reusing the longest valid prefix; the last row's logits."""
+        if len(token_ids) > self.n_ctx:
+            raise ModelError(f"the prompt has {len(token_ids)} tokens; the context holds {self.n_ctx}")
+        if self._ctx is None:
+            self._ctx = self._new_context(self.n_ctx)
+            self._ctx_tokens, self._ctx_image = [], None
+        keep = 0
+        for old, new in zip(self._ctx_tokens, token_ids[:-1]):
+            if old != new:
+                break
+            keep += 1
+        if image_key != self._ctx_image and self.image_token_id in self._ctx_tokens[:keep]:
+            keep = self._ctx_tokens.index(self.image_token_id)       # rows before the image do not depend on it
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, keep, -1)
+        self._ctx_tokens, self._ctx_image = self._ctx_tokens[:keep], image_key
+        last: list[np.ndarray] = []
+        outputs = np.zeros(len(token_ids) - keep, dtype=bool)
+        outputs[-1] = True
+        self._decode(self._ctx, token_ids[keep:], keep, outputs, lambda rows, logits: last.append(logits[-1]))
+        self._ctx_tokens = list(token_ids)
+        return last[-1]
+
+    def generate_tokens(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
+                        temperature: float = 0.6, top_p: float = 0.9, top_k: int = 40, min_p: float = 0.05,
+                        repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
+                        stop_at_end_of_turn: bool = True, progress: Progress | None = None) -> Iterator[int]:
+        """Sampled token ids, one at a time, with llama.cpp's samplers (temperature <= 0: greedy)."""
+        if not token_ids:
+            raise ModelError("the prompt is empty")
+        image_key, _ = self._bind(token_ids, image, progress)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed)
+        try:
+            self._prefill(list(token_ids), image_key)
+            for _ in range(max_tokens):
+                token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
+                if stop_at_end_of_turn and self.is_end_of_turn(token):
+                    return
+                yield token
+                if len(self._ctx_tokens) >= self.n_ctx:
+                    return
+                self._decode(self._ctx, [token], len(self._ctx_tokens), np.ones(1, dtype=bool))
+                self._ctx_tokens.append(token)
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+
+    def generate(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
+                 stop: Sequence[str] = (), **sampling) -> Iterator[str]:
+        """Text pieces as they are sampled; a piece never splits a UTF-8 character or shows part of a stop string."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        for token in self.generate_tokens(token_ids, image, max_tokens=max_tokens, **sampling):
+            pending += decoder.decode(self.token_bytes(token))
+            hit = min((pending.find(s) for s in stop if s in pending), default=-1)
+            if hit >= 0:
+                if pending[:hit]:
+                    yield pending[:hit]
+                return
+            safe = len(pending) - _stop_prefix_length(pending, stop)
+            if safe > 0:
+                yield pending[:safe]
+                pending = pending[safe:]
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            yield pending
+
+    def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
+                 repeat_last_n: int, seed: int | None):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if repeat_penalty != 1.0:
+            add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
+        if temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        add(llama_cpp.llama_sampler_init_top_k(top_k))
+        add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed if seed is not None else 0xFFFFFFFF))
+        return chain
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        for kv in self._images.values():
+            kv.close()
+        self._images.clear()
+        if self.hook:
+            self.hook.close()
+        if self._scratch:
+            self._scratch.close()
+        if self.vision:
+            self.vision.close()
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+        self.backend.close()
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a stop string (held back)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | None = None, n_ctx: int = 4096,
+               n_threads: int | None = None, kv_cache_type: str = "f16",
+               progress: Progress | None = None) -> MllamaModel:
+    """Load a converted pair; the vision file is found beside the text file when not given."""
+    text_path = Path(text_gguf)
+    vision_path = Path(vision_gguf) if vision_gguf is not None else find_vision_file(text_path)
+    return MllamaModel(text_path, vision_path, n_ctx=n_ctx, n_threads=n_threads, kv_cache_type=kv_cache_type,
+                       progress=progress)

@@ -1,0 +1,57 @@
+"""The gated cross-attention layer of the mllama decoder as ggml graphs (HF MllamaCrossAttentionDecoderLayer).
+
+    x += tanh(attn_gate) * o(attn(q_norm(q(norm(x))), k_norm(k(image)), v(image)))
+    x += tanh(mlp_gate)  * mlp(ffn_norm(x))
+
+No RoPE; grouped-query attention over the image tokens of the real tiles only (the padded tiles are
+masked in the reference, so leaving them out is exact). K/V of the image are computed once per image
+(`image_key_value`); the text side runs per batch of rows (`cross_attention_layer`). Rows that see no
+image never reach this code: Meta's row mask makes them pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models import ggml
+from models.ggml import Graph, Tensor
+from models.mllama.hparams import TextHParams
+from models.mllama.weights import CrossAttentionLayer
+
+
+@dataclass(frozen=True)
+class Gates:
+    """tanh of the layer's two gates: they scale whole branches, so they are plain numbers here."""
+
+    attn: float
+    mlp: float
+
+    @classmethod
+    def load(cls, tensors, prefix: str) -> Gates:
+        tanh = lambda name: float(np.tanh(np.float32(tensors.scalar(prefix + name))))  # noqa: E731
+        return cls(attn=tanh("attn_gate"), mlp=tanh("mlp_gate"))
+
+
+def image_key_value(g: Graph, image: Tensor, w: CrossAttentionLayer, hp: TextHParams) -> tuple[Tensor, Tensor]:
+    """K = k_norm(k(image)) as [head_dim, tokens, kv_heads]; V transposed as [tokens, head_dim, kv_heads]."""
+    hd, kv_heads, tokens = hp.head_dim, hp.num_key_value_heads, ggml.shape(image)[1]
+    k = g.rms_norm(g.reshape(g.mul_mat(w.attn_k, image), hd, kv_heads, tokens), w.attn_k_norm, hp.rms_norm_eps)
+    v = g.reshape(g.mul_mat(w.attn_v, image), hd, kv_heads, tokens)
+    return g.permute(k, 0, 2, 1), g.permute(v, 1, 2, 0)
+
+
+def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Gates, key: Tensor, value_t: Tensor,
+                          hp: TextHParams) -> Tensor:
+    """x [hidden, rows] -> x after the layer; `key`/`value_t` as `image_key_value` lays them out."""
+    hd, heads, rows = hp.head_dim, hp.num_attention_heads, ggml.shape(x)[1]
+    h = g.rms_norm(x, w.attn_norm, hp.rms_norm_eps)
+    q = g.rms_norm(g.reshape(g.mul_mat(w.attn_q, h), hd, heads, rows), w.attn_q_norm, hp.rms_norm_eps)
+    scores = g.soft_max(g.mul_mat(key, g.permute(q, 0, 2, 1)), None, hd ** -0.5)     # [tokens, rows, heads]
+    attn = g.cont(g.permute(g.mul_mat(value_t, scores), 0, 2, 1))                     # [hd, heads, rows]
+    attn = g.mul_mat(w.attn_output, g.reshape(attn, hp.hidden_size, rows))
+    x = g.add(x, g.scale(attn, gates.attn))
+    h = g.rms_norm(x, w.ffn_norm, hp.rms_norm_eps)
+    mlp = g.mul_mat(w.ffn_down, g.mul(g.silu(g.mul_mat(w.ffn_gate, h)), g.mul_mat(w.ffn_up, h)))
+    return g.add(x, g.scale(mlp, gates.mlp))

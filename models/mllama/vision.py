@@ -1,0 +1,257 @@
+"""The mllama vision tower as ggml graphs: tiles of pixels in, per-cross-layer image K/V out.
+
+Reads like HF's MllamaVisionModel.forward, with Meta's semantics where the two differ (the
+intermediate features are the *inputs* of the listed local layers). Hidden states are
+[hidden, tokens] in ggml order; the token axis runs over all tiles, each tile padded to a multiple of 8.
+
+The tower runs in stages (embeddings, each layer, the projection) so a caller sees progress and the
+scratch memory only ever holds one layer's activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from models import ggml
+from models.ggml import F16, F32, Graph, Tensor
+from models.mllama.hparams import MllamaHParams, VisionHParams
+from models.mllama.weights import (CrossAttentionLayer, GlobalVisionLayer, Projector, VisionEmbeddings, VisionLayer,
+                                   global_vision_layer_prefixes, vision_layer_prefixes)
+from models.mllama import cross_attention
+
+Progress = Callable[[float], None]
+
+
+@dataclass
+class VisionTower:
+    """The vision weights with their tanh'd gates as plain numbers (they scale whole branches)."""
+
+    embeddings: VisionEmbeddings
+    layers: list[VisionLayer]
+    global_layers: list[GlobalVisionLayer]
+    projector: Projector
+    gates: dict[str, float]          # pre_tile, position, post_tile, global.{i}.attn, global.{i}.ffn
+    flash_attention: bool            # F16/quantized weights: ggml's flash attention; F32: exact softmax path
+
+    @classmethod
+    def load(cls, tensors, hp: VisionHParams) -> VisionTower:
+        embeddings = tensors.fill(VisionEmbeddings)
+        tanh = lambda name: float(np.tanh(np.float32(tensors.scalar(name))))  # noqa: E731
+        gates = {"pre_tile": tanh("v.pre_tile_gate"), "position": tanh("v.position_gate"),
+                 "post_tile": tanh("v.post_tile_gate")}
+        global_layers = []
+        for i in range(hp.num_global_layers):
+            prefix = global_vision_layer_prefixes(i)[0]
+            global_layers.append(tensors.fill(GlobalVisionLayer, prefix))
+            gates[f"global.{i}.attn"] = tanh(prefix + "attn_gate")
+            gates[f"global.{i}.ffn"] = tanh(prefix + "ffn_gate")
+        layers = [tensors.fill(VisionLayer, vision_layer_prefixes(i)[0]) for i in range(hp.num_hidden_layers)]
+        flash = ggml.struct(layers[0].attn_q).type != int(F32)
+        return cls(embeddings, layers, global_layers, tensors.fill(Projector), gates, flash)
+
+
+def padded_patches(hp: VisionHParams) -> int:
+    """Vision tokens per tile inside the encoder: patches + class token, padded to a multiple of 8."""
+    return -(-hp.num_patches // 8) * 8
+
+
+def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """[tiles, 3, T, T] -> [tiles, patches, 3*P*P] in the conv kernel's (channel, row, column) order.
+
+    The patch convolution has stride = kernel size, so it is exactly this rearrangement followed by a
+    matrix product with the kernel; the product runs in ggml.
+    """
+    tiles, channels, side, _ = pixels.shape
+    grid = side // patch
+    x = pixels.reshape(tiles, channels, grid, patch, grid, patch).transpose(0, 2, 4, 1, 3, 5)
+    return np.ascontiguousarray(x.reshape(tiles, grid * grid, channels * patch * patch), dtype=np.float32)
+
+
+def attention_mask(hp: VisionHParams, num_tiles: int) -> np.ndarray:
+    """[L, L] additive mask; a pair is masked only when *both* tokens are padding (the HF/Meta quirk).
+
+    Padding = the pad tokens of every tile and every token of a tile past the image's real tiles.
+    """
+    per_tile = padded_patches(hp)
+    is_pad = np.ones((hp.max_num_tiles, per_tile), dtype=bool)
+    is_pad[:num_tiles, :hp.num_patches] = False
+    is_pad = is_pad.reshape(-1)
+    return np.where(is_pad[:, None] & is_pad[None, :], -np.inf, 0.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- graph pieces
+
+
+def embed(g: Graph, w: VisionEmbeddings, gates: dict[str, float], hp: VisionHParams,
+          patches: Tensor, ratio_id: Tensor) -> Tensor:
+    """Patch embedding, tile and position embeddings, class token, pre-norm, padding: [hidden, L]."""
+    d, tiles, n = hp.hidden_size, hp.max_num_tiles, hp.num_patches
+    kernel = g.reshape(w.patch_embd, hp.num_channels * hp.patch_size ** 2, d)
+    x = g.mul_mat(kernel, patches)                                                  # [d, n-1, tiles]
+    pre_tile = g.reshape(g.get_rows(w.pre_tile_embd, ratio_id), d, 1, tiles)
+    x = g.add(x, g.scale(pre_tile, gates["pre_tile"]))
+    cls = g.repeat(g.reshape(g.cast(w.class_embd, F32), d, 1, 1), d, 1, tiles)
+    x = g.concat(cls, x, 1)                                                         # [d, n, tiles]
+    x = g.add(x, g.scale(g.cast(w.position_embd, F32), 1.0 - gates["position"]))
+    tile_position = g.reshape(g.get_rows(w.tile_position_embd, ratio_id), d, n, tiles)
+    x = g.add(x, g.scale(tile_position, gates["position"]))
+    x = g.layer_norm(x, w.pre_norm, w.pre_norm_bias, hp.norm_eps)
+    x = g.pad(x, 0, padded_patches(hp) - n)
+    return g.reshape(x, d, padded_patches(hp) * tiles)
+
+
+def self_attention(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, mask: Tensor, flash: bool) -> Tensor:
+    d, heads = hp.hidden_size, hp.attention_heads
+    hd, length = d // heads, ggml.shape(x)[1]
+    heads_of = lambda weight: g.reshape(g.mul_mat(weight, x), hd, heads, length)  # noqa: E731
+    q = g.permute(heads_of(w.attn_q), 0, 2, 1)                                      # [hd, L, heads]
+    k = g.permute(heads_of(w.attn_k), 0, 2, 1)
+    if flash:
+        v = g.permute(heads_of(w.attn_v), 0, 2, 1)
+        out = g.flash_attn(q, g.cast(k, F16), g.cast(v, F16), mask, hd ** -0.5)    # [hd, heads, L]
+    else:
+        scores = g.soft_max(g.mul_mat(g.cont(k), q), mask, hd ** -0.5)              # [L_k, L_q, heads]
+        v_t = g.cont(g.permute(heads_of(w.attn_v), 1, 2, 0))                        # [L, hd, heads]
+        out = g.permute(g.mul_mat(v_t, scores), 0, 2, 1)                            # [hd, heads, L]
+    return g.mul_mat(w.attn_output, g.reshape(g.cont(out), d, length))
+
+
+def encoder_layer(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, mask: Tensor, flash: bool,
+                  attn_gate: float = 1.0, ffn_gate: float = 1.0) -> Tensor:
+    """Pre-norm transformer layer; the global layers scale both branches by their tanh gates."""
+    h = self_attention(g, g.layer_norm(x, w.attn_norm, w.attn_norm_bias, hp.norm_eps), w, hp, mask, flash)
+    x = g.add(x, g.scale(h, attn_gate) if attn_gate != 1.0 else h)
+    h = g.layer_norm(x, w.ffn_norm, w.ffn_norm_bias, hp.norm_eps)
+    h = g.linear(g.gelu(g.linear(h, w.ffn_up, w.ffn_up_bias)), w.ffn_down, w.ffn_down_bias)
+    return g.add(x, g.scale(h, ffn_gate) if ffn_gate != 1.0 else h)
+
+
+def post_norm(g: Graph, x: Tensor, w: VisionEmbeddings, gates: dict[str, float], hp: VisionHParams,
+              ratio_id: Tensor) -> Tensor:
+    """layernorm_post, then the post-tile embedding (added to pad tokens too, as HF does)."""
+    d, tiles = hp.hidden_size, hp.max_num_tiles
+    x = g.reshape(g.layer_norm(x, w.post_norm, w.post_norm_bias, hp.norm_eps), d, padded_patches(hp), tiles)
+    post_tile = g.reshape(g.get_rows(w.post_tile_embd, ratio_id), d, 1, tiles)
+    x = g.add(x, g.scale(post_tile, gates["post_tile"]))
+    return g.reshape(x, d, padded_patches(hp) * tiles)
+
+
+def features(g: Graph, final: Tensor, intermediates: list[Tensor], hp: VisionHParams, num_tiles: int) -> Tensor:
+    """[final, intermediates] per token of the real tiles, padding dropped: [output_dim, num_tiles * n].
+
+    HF stacks the intermediates on a new last axis and flattens, so their channels interleave (d0·i0, d0·i1, ...).
+    """
+    d, per_tile, n = hp.hidden_size, padded_patches(hp), hp.num_patches
+    stacked = g.reshape(intermediates[0], 1, d, per_tile * hp.max_num_tiles)
+    for t in intermediates[1:]:
+        stacked = g.concat(stacked, g.reshape(t, 1, d, per_tile * hp.max_num_tiles), 0)
+    x = g.concat(final, g.reshape(stacked, d * len(intermediates), per_tile * hp.max_num_tiles), 0)
+    x = g.reshape(x, hp.vision_output_dim, per_tile, hp.max_num_tiles)
+    x = g.cont(g.view(x, (hp.vision_output_dim, n, num_tiles)))
+    return g.reshape(x, hp.vision_output_dim, n * num_tiles)
+
+
+# ------------------------------------------------------------------------------------------- the stages
+
+
+@dataclass
+class ImageKV:
+    """What the decoder needs of one image: K and V for every cross layer, kept on the backend."""
+
+    graph: Graph                     # the context describing the tensors
+    buffer: int
+    keys: dict[int, Tensor]          # cross-layer stack index -> [head_dim, tokens, kv_heads]
+    values_t: dict[int, Tensor]      # cross-layer stack index -> [tokens, head_dim, kv_heads]
+    num_tokens: int
+
+    def close(self) -> None:
+        ggml.free_buffer(self.buffer)
+        self.buffer = 0
+        self.graph.close()
+
+
+def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
+           cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams, pixels: np.ndarray,
+           aspect_ratio_id: int, num_tiles: int, kv_type, progress: Progress | None = None) -> ImageKV:
+    """Run the tower on one preprocessed image and keep K/V for each cross layer."""
+    v = hp.vision
+    length = padded_patches(v) * v.max_num_tiles
+    inter_index = {layer: k for k, layer in enumerate(v.intermediate_layers_indices)}
+
+    work = Graph(4 + len(inter_index))                      # activations that live across stages
+    hidden = work.new(F32, v.hidden_size, length, name="hidden")
+    saved = [work.new(F32, v.hidden_size, length, name=f"intermediate.{k}") for k in range(len(inter_index))]
+    work_buffer = backend.alloc(work)
+    kv = _new_image_kv(backend, cross_layers, hp, num_tiles * v.num_patches, kv_type)
+    steps = 2 + len(tower.layers) + len(tower.global_layers)
+    done = 0
+
+    def stage(build: Callable[[Graph], Tensor], inputs: Callable[[Graph], dict] | None = None) -> None:
+        nonlocal done
+        g = Graph()
+        feeds = inputs(g) if inputs else {}
+        g.expand(build(g))
+        scratch.run(g, feeds)
+        g.close()
+        done += 1
+        if progress:
+            progress(done / steps)
+
+    ratio = np.array([aspect_ratio_id], dtype=np.int32)
+    mask_array = attention_mask(v, num_tiles).astype(np.float16 if tower.flash_attention else np.float32)
+
+    def ratio_and_mask(g: Graph) -> dict:
+        g.ratio = g.input(ggml.I32, 1, name="aspect_ratio_id")
+        g.mask = g.input(F16 if tower.flash_attention else F32, length, length, name="mask")
+        return {g.ratio: ratio, g.mask: mask_array}
+
+    try:
+        def embeddings_inputs(g: Graph) -> dict:
+            feeds = ratio_and_mask(g)
+            g.patches = g.input(F32, hp.vision.num_channels * v.patch_size ** 2, v.num_patches - 1,
+                                v.max_num_tiles, name="patches")
+            feeds[g.patches] = patchify(pixels, v.patch_size)
+            return feeds
+
+        stage(lambda g: g.cpy(embed(g, tower.embeddings, tower.gates, v, g.patches, g.ratio), hidden),
+              embeddings_inputs)
+        for i, layer in enumerate(tower.layers):
+            def local(g: Graph, i=i, layer=layer) -> Tensor:
+                if i in inter_index:                          # Meta keeps the layer's *input*
+                    g.expand(g.cpy(hidden, saved[inter_index[i]]))
+                return g.cpy(encoder_layer(g, hidden, layer, v, g.mask, tower.flash_attention), hidden)
+            stage(local, ratio_and_mask)
+        for i, layer in enumerate(tower.global_layers):
+            def global_(g: Graph, i=i, layer=layer) -> Tensor:
+                x = post_norm(g, hidden, tower.embeddings, tower.gates, v, g.ratio) if i == 0 else hidden
+                return g.cpy(encoder_layer(g, x, layer, v, g.mask, tower.flash_attention,
+                                           tower.gates[f"global.{i}.attn"], tower.gates[f"global.{i}.ffn"]), hidden)
+            stage(global_, ratio_and_mask)
+
+        def project(g: Graph) -> Tensor:
+            image = g.linear(features(g, hidden, saved, v, num_tiles), tower.projector.weight, tower.projector.bias)
+            for index, layer in cross_layers.items():
+                key, value_t = cross_attention.image_key_value(g, image, layer, hp.text)
+                g.expand(g.cpy(key, kv.keys[index]))
+                g.expand(g.cpy(value_t, kv.values_t[index]))
+            return image
+        stage(project)
+    except BaseException:
+        kv.close()
+        raise
+    finally:
+        ggml.free_buffer(work_buffer)
+        work.close()
+    return kv
+
+
+def _new_image_kv(backend: ggml.Backend, cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams,
+                  tokens: int, kv_type) -> ImageKV:
+    t = hp.text
+    g = Graph(2 * len(cross_layers) + 1)
+    keys = {i: g.new(kv_type, t.head_dim, tokens, t.num_key_value_heads, name=f"cross.{i}.k") for i in cross_layers}
+    values = {i: g.new(kv_type, tokens, t.head_dim, t.num_key_value_heads, name=f"cross.{i}.v") for i in cross_layers}
+    return ImageKV(g, backend.alloc(g), keys, values, tokens)
