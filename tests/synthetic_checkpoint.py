@@ -111,8 +111,13 @@ def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             for name in W.names(block, gguf_prefix, hf_prefix) if name.hf is not None}
 
 
-def write_checkpoint(directory: Path, config: dict[str, Any], seed: int = 0, shard_bytes: int = 0) -> Path:
-    """Random bf16 weights (norms near 1, gates non-zero) plus every file a published checkpoint has."""
+def write_checkpoint(directory: Path, config: dict[str, Any], seed: int = 0, shard_bytes: int = 0,
+                     zero_cross_attention_gates: bool = False) -> Path:
+    """Random bf16 weights (norms near 1, gates non-zero) plus every file a published checkpoint has.
+
+    `zero_cross_attention_gates` closes both gates of every cross-attention layer, as at the start of
+    Meta's vision training: the model then is the text model, whatever the image.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     shapes = tensor_shapes(config)
@@ -120,7 +125,8 @@ def write_checkpoint(directory: Path, config: dict[str, Any], seed: int = 0, sha
     weight_map = {}
     for n, names in enumerate(shards):
         file_name = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(directory / file_name, {name: shapes[name] for name in names}, rng)
+        _write_safetensors(directory / file_name, {name: shapes[name] for name in names}, rng,
+                           zero_cross_attention_gates)
         weight_map.update({name: file_name for name in names})
     if len(shards) > 1:
         (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
@@ -154,6 +160,9 @@ def _split(names: list[str], shapes: dict[str, tuple[int, ...]], shard_bytes: in
     return shards
 
 
+CROSS_ATTENTION_GATES = tuple(n.hf for n in W.names(W.CrossAttentionLayer) if n.field in ("attn_gate", "mlp_gate"))
+
+
 def _random_values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     if shape == (1,):                                  # the tanh gates: non-zero, both signs
         return (rng.uniform(0.3, 1.0, size=shape) * rng.choice([-1, 1], size=shape)).astype(np.float32)
@@ -165,7 +174,8 @@ def _random_values(name: str, shape: tuple[int, ...], rng: np.random.Generator) 
     return scale * rng.standard_normal(shape, dtype=np.float32)
 
 
-def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> None:
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.random.Generator,
+                       zero_cross_attention_gates: bool = False) -> None:
     """bf16 tensors, generated and written one at a time so memory stays at one tensor."""
     header, offset = {}, 0
     for name, shape in shapes.items():
@@ -178,6 +188,8 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.r
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for name, shape in shapes.items():
             values = _random_values(name, shape, rng).astype(np.float32)
+            if zero_cross_attention_gates and name.endswith(CROSS_ATTENTION_GATES):
+                values = np.zeros_like(values)
             f.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())
 
 

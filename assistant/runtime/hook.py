@@ -13,7 +13,6 @@ keeps only the rows that produce logits (llama.cpp's `inp_out_ids`).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -27,7 +26,6 @@ from models.mllama.vision import ImageKV
 from models.mllama.weights import CrossAttentionLayer
 
 EMBEDDINGS_NODE = b"embd"
-GRAPH_CACHE_SIZE = 8
 
 
 def injection_points(cross_layers: list[int]) -> dict[bytes, list[int]]:
@@ -71,7 +69,7 @@ class CrossAttentionHook:
         self.batch: Batch | None = None
         self.active = False
         self.error: Exception | None = None
-        self.graphs: OrderedDict[tuple, tuple[Graph, int, int]] = OrderedDict()
+        self.decode_graphs: dict[bytes, tuple[Graph, int, int, ggml.Scratch]] = {}
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
     def bind(self, image: ImageKV | None, image_start: int | None) -> None:
@@ -127,15 +125,21 @@ class CrossAttentionHook:
         ggml.write_rows(tensor, x, first * row_bytes)
 
     def _cross_layers(self, name: bytes, x: np.ndarray) -> np.ndarray:
-        key = (name, x.shape[0])
-        if key not in self.graphs:
-            self.graphs[key] = self._build(name, x.shape[0])
-            if len(self.graphs) > GRAPH_CACHE_SIZE:
-                self.graphs.popitem(last=False)[1][0].close()
-        self.graphs.move_to_end(key)
-        g, x_in, x_out = self.graphs[key]
-        self.scratch.run(g, {x_in: x})
-        return ggml.tensor_get(x_out).reshape(x.shape)
+        """Run the layers at one point. The one-row graph of each point (decoding) is built once per image
+        with its own scratch memory; other shapes are built, run and dropped (a graph keeps the addresses
+        its scratch gave it, so graphs may share scratch memory only one at a time)."""
+        if x.shape[0] == 1:
+            if name not in self.decode_graphs:
+                self.decode_graphs[name] = (*self._build(name, 1), ggml.Scratch(self.backend))
+            g, x_in, x_out, scratch = self.decode_graphs[name]
+            scratch.run(g, {x_in: x})
+            return ggml.tensor_get(x_out).reshape(x.shape)
+        g, x_in, x_out = self._build(name, x.shape[0])
+        try:
+            self.scratch.run(g, {x_in: x})
+            return ggml.tensor_get(x_out).reshape(x.shape)
+        finally:
+            g.close()
 
     def _build(self, name: bytes, n_rows: int) -> tuple[Graph, int, int]:
         g = Graph(64 * len(self.points[name]) + 8)
@@ -147,9 +151,10 @@ class CrossAttentionHook:
         return g, x_in, g.output(g.cont(x) if x == x_in else x)
 
     def _drop_graphs(self) -> None:
-        for g, _, _ in self.graphs.values():
+        for g, _, _, scratch in self.decode_graphs.values():
             g.close()
-        self.graphs.clear()
+            scratch.close()
+        self.decode_graphs.clear()
 
     def close(self) -> None:
         self._drop_graphs()

@@ -88,10 +88,14 @@ class MllamaModel:
     """See DESIGN.md, "The runtime contract". Not thread-safe: one caller at a time."""
 
     def __init__(self, text_path: Path, vision_path: Path | None, n_ctx: int = 4096, n_threads: int | None = None,
-                 kv_cache_type: str = "f16", progress: Progress | None = None) -> None:
+                 kv_cache_type: str = "f16", n_batch: int = 512, n_ubatch: int | None = None,
+                 progress: Progress | None = None) -> None:
         _quiet_llama_logs()
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
+        self.n_batch = min(n_ctx, n_batch)                 # tokens per llama_decode call
+        self.n_ubatch = min(self.n_batch, n_ubatch or n_batch)   # llama.cpp splits each call into these
+        self.prompt_tokens_evaluated = 0            # by the last generate call: what the KV cache could not reuse
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type]
         self.text_path = Path(text_path)
@@ -223,7 +227,7 @@ class MllamaModel:
     def _new_context(self, n_ctx: int):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = min(n_ctx, 512)
+        params.n_batch, params.n_ubatch = min(n_ctx, self.n_batch), min(n_ctx, self.n_ubatch)
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k = params.type_v = self.kv_cache_type
         if self.kv_cache_type == llama_cpp.GGML_TYPE_F32:      # exact mode: llama.cpp's CPU flash attention is F16
@@ -254,7 +258,7 @@ class MllamaModel:
     def _decode(self, ctx, token_ids: Sequence[int], start: int, outputs: np.ndarray,
                 on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
         """Evaluate `token_ids` at positions start.. in batches; `on_logits(rows, logits)` per batch."""
-        n_batch = min(self.n_ctx, 512)
+        n_batch = self.n_batch
         tokens = np.asarray(token_ids, dtype=np.int32)
         if tokens.size and (tokens.max() > self.image_token_id or tokens.min() < 0 or
                             (tokens.max() == self.image_token_id and self.vision is None)):
@@ -323,6 +327,7 @@ class MllamaModel:
         outputs = np.zeros(len(token_ids) - keep, dtype=bool)
         outputs[-1] = True
         self._decode(self._ctx, token_ids[keep:], keep, outputs, lambda rows, logits: last.append(logits[-1]))
+        self.prompt_tokens_evaluated = len(token_ids) - keep
         self._ctx_tokens = list(token_ids)
         return last[-1]
 
@@ -416,10 +421,10 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 
 
 def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | None = None, n_ctx: int = 4096,
-               n_threads: int | None = None, kv_cache_type: str = "f16",
-               progress: Progress | None = None) -> MllamaModel:
+               n_threads: int | None = None, kv_cache_type: str = "f16", n_batch: int = 512,
+               n_ubatch: int | None = None, progress: Progress | None = None) -> MllamaModel:
     """Load a converted pair; the vision file is found beside the text file when not given."""
     text_path = Path(text_gguf)
     vision_path = Path(vision_gguf) if vision_gguf is not None else find_vision_file(text_path)
     return MllamaModel(text_path, vision_path, n_ctx=n_ctx, n_threads=n_threads, kv_cache_type=kv_cache_type,
-                       progress=progress)
+                       n_batch=n_batch, n_ubatch=n_ubatch, progress=progress)
