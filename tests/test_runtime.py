@@ -263,3 +263,22 @@ def test_sampling_is_deterministic_with_a_seed(tiny_a) -> None:
         assert runs[0] == runs[1] and runs[0] != runs[2]
     finally:
         model.close()
+
+
+# Measured on tiny-a, every image case: max |logit - reference| 0.020 for logits of std ~4 (F32 tower: 2e-5).
+F16_VISION_BOUND = 0.03
+
+
+def test_an_f16_vision_tower_runs_flash_attention_near_the_reference(tmp_path: Path) -> None:
+    directory = FIXTURES / "mllama" / "tiny-a"
+    reference = json.loads((directory / "reference.json").read_text())
+    pair = convert(str(directory / "checkpoint"), tmp_path, quant="F32", vision_quant="F16", progress=False)
+    model = load_model(pair.text, n_ctx=256, kv_cache_type="f32")
+    try:
+        assert model.vision.tower.flash_attention
+        with np.load(directory / "reference.npz") as expected:
+            for case in (c for c in reference["cases"] if c["image"] is not None):
+                logits = model.logits(case["token_ids"], IMAGES / case["image"])
+                assert np.abs(logits - expected[f"logits/{case['name']}"]).max() < F16_VISION_BOUND, case["name"]
+    finally:
+        model.close()

@@ -23,7 +23,7 @@ from models.gguf_tensors import GGUFError, GGUFTensors
 from models.mllama import gguf_keys as K
 from models.mllama.cross_attention import Gates
 from models.mllama.hparams import MllamaHParams
-from models.mllama.vision import ImageKV, VisionTower, encode
+from models.mllama.vision import Image, ImageKV, VisionTower, encode
 from models.mllama.weights import CrossAttentionLayer, ImageToken, cross_attention_prefixes
 
 Progress = Callable[[str, float], None]
@@ -202,8 +202,8 @@ class MllamaModel:
             return key, self._images[key]
         v = vision.hp.vision
         pre = preprocess(picture, vision.hp.preprocessing, v.image_size, v.max_num_tiles, v.supported_aspect_ratios)
-        kv = encode(self.backend, self._scratch, vision.tower, vision.cross_layers, vision.hp, pre.pixels,
-                    pre.aspect_ratio_id, pre.num_tiles, vision.kv_type,
+        kv = encode(self.backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
+                    Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
                     (lambda f: progress("encoding image", f)) if progress else None)
         self._images[key] = kv
         self._evict_images()

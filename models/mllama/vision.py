@@ -11,6 +11,7 @@ scratch memory only ever holds one layer's activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -173,72 +174,93 @@ class ImageKV:
         self.graph.close()
 
 
+class StageInputs:
+    """The image's inputs, made in a stage's graph on first use (a stage that needs no mask gets none)."""
+
+    def __init__(self, g: Graph, image: Image, hp: VisionHParams, flash: bool) -> None:
+        self.g, self.image, self.hp, self.flash = g, image, hp, flash
+        self.feeds: dict[Tensor, np.ndarray] = {}
+
+    def _input(self, qtype, array: np.ndarray, name: str) -> Tensor:
+        t = self.g.input(qtype, *reversed(array.shape), name=name)
+        self.feeds[t] = array
+        return t
+
+    @cached_property
+    def ratio(self) -> Tensor:
+        return self._input(ggml.I32, np.array([self.image.aspect_ratio_id], dtype=np.int32), "aspect_ratio_id")
+
+    @cached_property
+    def mask(self) -> Tensor:
+        mask = attention_mask(self.hp, self.image.num_tiles)
+        return self._input(F16, mask.astype(np.float16), "mask") if self.flash else self._input(F32, mask, "mask")
+
+    @cached_property
+    def patches(self) -> Tensor:
+        return self._input(F32, patchify(self.image.pixels, self.hp.patch_size), "patches")
+
+
+@dataclass(frozen=True)
+class Image:
+    """A preprocessed image as the tower takes it."""
+
+    pixels: np.ndarray               # float32 [max_num_tiles, 3, tile, tile]
+    aspect_ratio_id: int
+    num_tiles: int
+
+
 def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
-           cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams, pixels: np.ndarray,
-           aspect_ratio_id: int, num_tiles: int, kv_type, progress: Progress | None = None) -> ImageKV:
+           cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams, image: Image, kv_type,
+           progress: Progress | None = None) -> ImageKV:
     """Run the tower on one preprocessed image and keep K/V for each cross layer."""
-    v = hp.vision
+    v, flash = hp.vision, tower.flash_attention
     length = padded_patches(v) * v.max_num_tiles
-    inter_index = {layer: k for k, layer in enumerate(v.intermediate_layers_indices)}
+    saved_at = {layer: k for k, layer in enumerate(v.intermediate_layers_indices)}
 
-    work = Graph(4 + len(inter_index))                      # activations that live across stages
+    work = Graph(4 + len(saved_at))                         # activations that live across stages
     hidden = work.new(F32, v.hidden_size, length, name="hidden")
-    saved = [work.new(F32, v.hidden_size, length, name=f"intermediate.{k}") for k in range(len(inter_index))]
+    saved = [work.new(F32, v.hidden_size, length, name=f"intermediate.{k}") for k in range(len(saved_at))]
     work_buffer = backend.alloc(work)
-    kv = _new_image_kv(backend, cross_layers, hp, num_tiles * v.num_patches, kv_type)
-    steps = 2 + len(tower.layers) + len(tower.global_layers)
-    done = 0
+    kv = _new_image_kv(backend, cross_layers, hp, image.num_tiles * v.num_patches, kv_type)
+    stages: list[Callable[[Graph, StageInputs], Tensor]] = []
 
-    def stage(build: Callable[[Graph], Tensor], inputs: Callable[[Graph], dict] | None = None) -> None:
-        nonlocal done
-        g = Graph()
-        feeds = inputs(g) if inputs else {}
-        g.expand(build(g))
-        scratch.run(g, feeds)
-        g.close()
-        done += 1
-        if progress:
-            progress(done / steps)
+    def embeddings(g: Graph, x: StageInputs) -> Tensor:
+        return g.cpy(embed(g, tower.embeddings, tower.gates, v, x.patches, x.ratio), hidden)
+    stages.append(embeddings)
 
-    ratio = np.array([aspect_ratio_id], dtype=np.int32)
-    mask_array = attention_mask(v, num_tiles).astype(np.float16 if tower.flash_attention else np.float32)
+    for i, layer in enumerate(tower.layers):
+        def local(g: Graph, x: StageInputs, i=i, layer=layer) -> Tensor:
+            if i in saved_at:                                 # Meta keeps the layer's *input*
+                g.expand(g.cpy(hidden, saved[saved_at[i]]))
+            return g.cpy(encoder_layer(g, hidden, layer, v, x.mask, flash), hidden)
+        stages.append(local)
 
-    def ratio_and_mask(g: Graph) -> dict:
-        g.ratio = g.input(ggml.I32, 1, name="aspect_ratio_id")
-        g.mask = g.input(F16 if tower.flash_attention else F32, length, length, name="mask")
-        return {g.ratio: ratio, g.mask: mask_array}
+    for i, layer in enumerate(tower.global_layers):
+        def global_(g: Graph, x: StageInputs, i=i, layer=layer) -> Tensor:
+            h = post_norm(g, hidden, tower.embeddings, tower.gates, v, x.ratio) if i == 0 else hidden
+            return g.cpy(encoder_layer(g, h, layer, v, x.mask, flash, tower.gates[f"global.{i}.attn"],
+                                       tower.gates[f"global.{i}.ffn"]), hidden)
+        stages.append(global_)
+
+    def project(g: Graph, x: StageInputs) -> Tensor:
+        projected = g.linear(features(g, hidden, saved, v, image.num_tiles), tower.projector.weight,
+                             tower.projector.bias)
+        for index, layer in cross_layers.items():
+            key, value_t = cross_attention.image_key_value(g, projected, layer, hp.text)
+            g.expand(g.cpy(key, kv.keys[index]))
+            g.expand(g.cpy(value_t, kv.values_t[index]))
+        return projected
+    stages.append(project)
 
     try:
-        def embeddings_inputs(g: Graph) -> dict:
-            feeds = ratio_and_mask(g)
-            g.patches = g.input(F32, hp.vision.num_channels * v.patch_size ** 2, v.num_patches - 1,
-                                v.max_num_tiles, name="patches")
-            feeds[g.patches] = patchify(pixels, v.patch_size)
-            return feeds
-
-        stage(lambda g: g.cpy(embed(g, tower.embeddings, tower.gates, v, g.patches, g.ratio), hidden),
-              embeddings_inputs)
-        for i, layer in enumerate(tower.layers):
-            def local(g: Graph, i=i, layer=layer) -> Tensor:
-                if i in inter_index:                          # Meta keeps the layer's *input*
-                    g.expand(g.cpy(hidden, saved[inter_index[i]]))
-                return g.cpy(encoder_layer(g, hidden, layer, v, g.mask, tower.flash_attention), hidden)
-            stage(local, ratio_and_mask)
-        for i, layer in enumerate(tower.global_layers):
-            def global_(g: Graph, i=i, layer=layer) -> Tensor:
-                x = post_norm(g, hidden, tower.embeddings, tower.gates, v, g.ratio) if i == 0 else hidden
-                return g.cpy(encoder_layer(g, x, layer, v, g.mask, tower.flash_attention,
-                                           tower.gates[f"global.{i}.attn"], tower.gates[f"global.{i}.ffn"]), hidden)
-            stage(global_, ratio_and_mask)
-
-        def project(g: Graph) -> Tensor:
-            image = g.linear(features(g, hidden, saved, v, num_tiles), tower.projector.weight, tower.projector.bias)
-            for index, layer in cross_layers.items():
-                key, value_t = cross_attention.image_key_value(g, image, layer, hp.text)
-                g.expand(g.cpy(key, kv.keys[index]))
-                g.expand(g.cpy(value_t, kv.values_t[index]))
-            return image
-        stage(project)
+        for done, build in enumerate(stages, start=1):
+            g = Graph()
+            inputs = StageInputs(g, image, v, flash)
+            g.expand(build(g, inputs))
+            scratch.run(g, inputs.feeds)
+            g.close()
+            if progress:
+                progress(done / len(stages))
     except BaseException:
         kv.close()
         raise
