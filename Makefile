@@ -21,6 +21,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/convert_bench.py
+	$(BIN)/python bench/runtime_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
