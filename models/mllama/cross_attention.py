@@ -45,11 +45,15 @@ def image_key_value(g: Graph, image: Tensor, w: CrossAttentionLayer, hp: TextHPa
 def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Gates, key: Tensor, value_t: Tensor,
                           hp: TextHParams) -> Tensor:
     """x [hidden, rows] -> x after the layer; `key`/`value_t` as `image_key_value` lays them out."""
-    hd, heads, rows = hp.head_dim, hp.num_attention_heads, ggml.shape(x)[1]
+    hd, rows = hp.head_dim, ggml.shape(x)[1]
+    kv_heads, group = hp.num_key_value_heads, hp.num_attention_heads // hp.num_key_value_heads
     h = g.rms_norm(x, w.attn_norm, hp.rms_norm_eps)
-    q = g.rms_norm(g.reshape(g.mul_mat(w.attn_q, h), hd, heads, rows), w.attn_q_norm, hp.rms_norm_eps)
-    scores = g.soft_max(g.mul_mat(key, g.permute(q, 0, 2, 1)), None, hd ** -0.5)     # [tokens, rows, heads]
-    attn = g.cont(g.permute(g.mul_mat(value_t, scores), 0, 2, 1))                     # [hd, heads, rows]
+    q = g.rms_norm(g.reshape(g.mul_mat(w.attn_q, h), hd, group, kv_heads, rows), w.attn_q_norm, hp.rms_norm_eps)
+    # The query heads of one KV head become columns of one product, so each image K/V is read once per step.
+    q = g.reshape(g.cont(g.permute(q, 0, 1, 3, 2)), hd, group * rows, kv_heads)      # [hd, group*rows, kv]
+    scores = g.soft_max(g.mul_mat(key, q), None, hd ** -0.5)                          # [tokens, group*rows, kv]
+    attn = g.reshape(g.mul_mat(value_t, scores), hd, group, rows, kv_heads)
+    attn = g.cont(g.permute(attn, 0, 1, 3, 2))                                        # [hd, group, kv, rows]
     attn = g.mul_mat(w.attn_output, g.reshape(attn, hp.hidden_size, rows))
     x = g.add(x, g.scale(attn, gates.attn))
     h = g.rms_norm(x, w.ffn_norm, hp.rms_norm_eps)
