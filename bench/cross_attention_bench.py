@@ -1,0 +1,66 @@
+"""Q·Kᵀ of one decoded token against a 4-tile image's keys, in the two orientations ggml can compute it.
+
+At 11B shapes (8 KV heads of 128, 4 query heads each, 6404 image tokens) a cross-attention layer reads
+13 MB of keys per decoded token. `mul_mat(K, q)` makes the image tokens the rows of the "weight" and the
+4 query heads the columns; `mul_mat(q, K)` makes them the wide side. ggml's CPU kernels are far from
+equal on the two, which is why `models/mllama/cross_attention.py` uses the second and transposes the
+small result.
+
+    python bench/cross_attention_bench.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models import ggml  # noqa: E402
+from models.ggml import F16, F32, Graph  # noqa: E402
+
+HEAD_DIM, IMAGE_TOKENS, KV_HEADS, GROUP = 128, 6404, 8, 4
+REPEATS = 50
+
+
+def milliseconds(backend: ggml.Backend, build, key: int) -> float:
+    g = Graph()
+    q = g.input(F32, HEAD_DIM, GROUP, KV_HEADS, name="q")
+    g.output(build(g, q, key))
+    scratch = ggml.Scratch(backend)
+    feeds = {q: np.random.default_rng(0).standard_normal((KV_HEADS, GROUP, HEAD_DIM)).astype(np.float32)}
+    scratch.run(g, feeds)
+    start = time.perf_counter()
+    for _ in range(REPEATS):
+        scratch.run(g, feeds)
+    elapsed = (time.perf_counter() - start) / REPEATS * 1e3
+    scratch.close()
+    g.close()
+    return elapsed
+
+
+def main() -> None:
+    backend = ggml.Backend(os.cpu_count() or 1)
+    keys = np.random.default_rng(1).standard_normal((KV_HEADS, IMAGE_TOKENS, HEAD_DIM)).astype(np.float32)
+    print(f"one decoded token, {KV_HEADS}x{GROUP} heads of {HEAD_DIM}, {IMAGE_TOKENS} image tokens, "
+          f"{os.cpu_count()} threads, mean of {REPEATS}")
+    print("| keys | mul_mat(K, q) ms | mul_mat(q, K) + transpose ms | ratio |")
+    print("|---|--:|--:|--:|")
+    for qtype, values in ((F16, keys.astype(np.float16)), (F32, keys)):
+        weights = Graph(2)
+        key = weights.new(qtype, HEAD_DIM, IMAGE_TOKENS, KV_HEADS, name="k")
+        buffer = backend.alloc(weights)
+        ggml.tensor_set(key, values)
+        tall = milliseconds(backend, lambda g, q, k: g.mul_mat(k, q), key)
+        wide = milliseconds(backend, lambda g, q, k: g.cont(g.permute(g.mul_mat(g.cast(q, qtype), k), 1, 0, 2)), key)
+        print(f"| {qtype.name} | {tall:.2f} | {wide:.2f} | {tall / wide:.1f} |")
+        ggml.free_buffer(buffer)
+        weights.close()
+
+
+if __name__ == "__main__":
+    main()

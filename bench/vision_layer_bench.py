@@ -1,0 +1,112 @@
+"""One vision encoder layer at the real 11B width on 4 tiles: where the encode time goes.
+
+The 4-tile encode runs 40 such layers (32 local + 8 global) over 6432 tokens, so a layer's time x 40 is
+the encode time. This isolates the two costs per weight type: the matrix products (the layer without its
+attention) and the attention (the rest), for the attention paths the runtime has: ggml's flash attention
+with F16 K/V (used for F16/BF16/quantized towers) and the exact F32 softmax path (used for F32 towers).
+
+    python bench/vision_layer_bench.py                 # F16, BF16, Q8_0 weights
+    python bench/vision_layer_bench.py --types BF16 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models import ggml  # noqa: E402
+from models.ggml import F16, F32, Graph  # noqa: E402
+from models.mllama import vision  # noqa: E402
+from models.mllama.hparams import VisionHParams  # noqa: E402
+from models.mllama.weights import VisionLayer  # noqa: E402
+
+HP = VisionHParams(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1, num_global_layers=0,
+                   attention_heads=16, intermediate_layers_indices=(), image_size=560, patch_size=14, num_channels=3,
+                   max_num_tiles=4, vision_output_dim=1280, norm_eps=1e-5, supported_aspect_ratios=((2, 2),))
+TOKENS = vision.padded_patches(HP) * HP.max_num_tiles
+LAYERS_PER_ENCODE = 40
+
+
+def random_layer(backend: ggml.Backend, qtype: Q, rng: np.random.Generator) -> tuple[VisionLayer, Graph, int]:
+    d, ffn = HP.hidden_size, HP.intermediate_size
+    shapes = {"attn_norm": (d,), "attn_norm_bias": (d,), "attn_q": (d, d), "attn_k": (d, d), "attn_v": (d, d),
+              "attn_output": (d, d), "ffn_norm": (d,), "ffn_norm_bias": (d,), "ffn_up": (d, ffn),
+              "ffn_up_bias": (ffn,), "ffn_down": (ffn, d), "ffn_down_bias": (d,)}
+    g = Graph(len(shapes) + 1)
+    tensors = {name: g.new(qtype if len(shape) == 2 else F32, *shape, name=name) for name, shape in shapes.items()}
+    buffer = backend.alloc(g)
+    for name, shape in shapes.items():
+        values = (rng.standard_normal(shape[::-1]) / np.sqrt(shape[0])).astype(np.float32)
+        if len(shape) == 1 or qtype == F32:
+            ggml.tensor_set(tensors[name], values)
+        elif qtype == F16:
+            ggml.tensor_set(tensors[name], values.astype(np.float16))
+        elif qtype == Q.BF16:
+            ggml.tensor_set(tensors[name], (values.view(np.uint32) >> 16).astype(np.uint16))
+        else:
+            ggml.tensor_set(tensors[name], ggml.quantize_rows(values, qtype))
+    return VisionLayer(**tensors), g, buffer
+
+
+def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, runs: int) -> float:
+    """Best seconds of one layer; flash=None runs the layer's matrix products without attention."""
+    scratch = ggml.Scratch(backend)
+    mask = vision.attention_mask(HP, HP.max_num_tiles)
+    x = np.random.default_rng(1).standard_normal((TOKENS, HP.hidden_size)).astype(np.float32)
+    best = float("inf")
+    for _ in range(runs):
+        g = Graph()
+        x_in = g.input(F32, HP.hidden_size, TOKENS, name="x")
+        if flash is None:
+            for weight in (layer.attn_q, layer.attn_k):
+                g.expand(g.mul_mat(weight, x_in))
+            h = g.mul_mat(layer.attn_output, g.mul_mat(layer.attn_v, x_in))
+            g.expand(g.linear(g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias)), layer.ffn_down, layer.ffn_down_bias))
+            feeds = {x_in: x}
+        else:
+            mask_in = g.input(F16 if flash else F32, TOKENS, TOKENS, name="mask")
+            g.expand(vision.encoder_layer(g, x_in, layer, HP, mask_in, flash))
+            feeds = {x_in: x, mask_in: mask.astype(np.float16 if flash else np.float32)}
+        start = time.perf_counter()
+        scratch.run(g, feeds)
+        best = min(best, time.perf_counter() - start)
+        g.close()
+    scratch.close()
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", nargs="+", default=["F16", "BF16", "Q8_0"])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--exact", action="store_true", help="also time the F32 softmax attention path")
+    args = parser.parse_args()
+    backend = ggml.Backend(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"one vision layer, {TOKENS} tokens (4 tiles), {args.threads} threads, best of {args.runs}; "
+          f"x {LAYERS_PER_ENCODE} = a 4-tile encode")
+    print("| weights | attention | layer s | matrix products s | attention s | encode estimate s |")
+    print("|---|---|--:|--:|--:|--:|")
+    for name in args.types:
+        layer, weights, buffer = random_layer(backend, Q[name], rng)
+        products = time_layer(backend, layer, None, args.runs)
+        for flash in ([True, False] if args.exact else [True]):
+            total = time_layer(backend, layer, flash, args.runs)
+            label = "flash (F16 K/V)" if flash else "softmax (F32)"
+            print(f"| {name} | {label} | {total:.2f} | {products:.2f} | {total - products:.2f} | "
+                  f"{total * LAYERS_PER_ENCODE:.0f} |", flush=True)
+        ggml.free_buffer(buffer)
+        weights.close()
+
+
+if __name__ == "__main__":
+    main()
