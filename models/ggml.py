@@ -138,6 +138,8 @@ for _name, _res, _args in [
     ("ggml_backend_free", None, [c_void_p]),
     ("ggml_backend_get_default_buffer_type", c_void_p, [c_void_p]),
     ("ggml_backend_alloc_ctx_tensors", c_void_p, [c_void_p, c_void_p]),
+    ("ggml_backend_alloc_ctx_tensors_from_buft", c_void_p, [c_void_p, c_void_p]),
+    ("ggml_backend_buft_name", c_char_p, [c_void_p]),
     ("ggml_backend_buffer_free", None, [c_void_p]),
     ("ggml_backend_buffer_get_size", c_size_t, [c_void_p]),
     ("ggml_backend_tensor_alloc", c_int, [c_void_p, T, c_void_p]),
@@ -151,6 +153,7 @@ for _name, _res, _args in [
     _sig(_name, _res, *_args)
 
 _SET_N_THREADS = ctypes.CFUNCTYPE(None, c_void_p, c_int)
+_GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
 
 
 # ---------------------------------------------------------------------------------------------- quantization
@@ -380,6 +383,27 @@ class Backend:
         if not buffer:
             raise MemoryError(f"out of memory on {self.name}")
         return buffer
+
+    def alloc_in(self, graph: Graph, buffer_type: int) -> int:
+        buffer = _lib.ggml_backend_alloc_ctx_tensors_from_buft(graph.ctx, buffer_type)
+        if not buffer:
+            raise MemoryError(f"out of memory on {self.name}")
+        return buffer
+
+    def repack_buffer_type(self) -> int | None:
+        """The CPU's CPU_REPACK buffer type: quantized matrices stored there are rearranged for the CPU's
+        SIMD kernels (llama.cpp keeps its own CPU weights there), or None where there is none."""
+        reg = _lib.ggml_backend_dev_backend_reg(self.device)
+        address = _lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+        if not self.is_cpu or not address:
+            return None
+        types = _GET_EXTRA_BUFTS(address)(self.device)
+        i = 0
+        while types and types[i]:
+            if _lib.ggml_backend_buft_name(types[i]) == b"CPU_REPACK":
+                return types[i]
+            i += 1
+        return None
 
     def map_host(self, address: int, size: int) -> int | None:
         """A buffer over host memory (an mmap'd file), when the device can read it in place."""

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 
 from models import ggml
 from models.mllama.weights import names
 
 Block = TypeVar("Block")
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 Progress = Callable[[float], None]
 
 
@@ -27,7 +28,8 @@ class GGUFError(ValueError):
 class GGUFTensors:
     """Owns the mapping, the ggml context holding the tensor descriptions, and the backend buffer."""
 
-    def __init__(self, path: Path, backend: ggml.Backend, progress: Progress | None = None) -> None:
+    def __init__(self, path: Path, backend: ggml.Backend, progress: Progress | None = None,
+                 repack: Callable[[str], bool] = lambda name: False) -> None:
         self.path = path
         try:
             self.reader = GGUFReader(path)
@@ -49,8 +51,34 @@ class GGUFTensors:
                 ggml.tensor_set(self.tensors[info.name], np.asarray(info.data).view(np.uint8))
                 if progress:
                     progress((i + 1) / len(self.reader.tensors))
+        self.repacked: tuple[ggml.Graph, int] | None = None
+        self._repack_for_cpu(backend, [info for info in self.reader.tensors if repack(info.name)])
         if progress:
             progress(1.0)
+
+    def _repack_for_cpu(self, backend: ggml.Backend, candidates: list) -> None:
+        """Copy the quantized matrices the CPU kernels have a faster layout for into llama.cpp's CPU_REPACK
+        buffer, as llama.cpp does with its own weights; ggml decides per tensor (type, shape, CPU
+        features), so a probe allocation asks it which ones before anything is copied."""
+        buffer_type = backend.repack_buffer_type()
+        candidates = [c for c in candidates if len(c.shape) == 2 and c.tensor_type not in FLOAT_TYPES]
+        if buffer_type is None or not candidates:
+            return
+        probe = ggml.Graph(len(candidates) + 1)
+        probes = [probe.new(c.tensor_type, *map(int, c.shape)) for c in candidates]
+        probe_buffer = backend.alloc_in(probe, buffer_type)
+        chosen = [c for c, t in zip(candidates, probes) if ggml.struct(t).extra]
+        ggml.free_buffer(probe_buffer)
+        probe.close()
+        if not chosen:
+            return
+        graph = ggml.Graph(len(chosen) + 1)
+        tensors = {c.name: graph.new(c.tensor_type, *map(int, c.shape), name=c.name) for c in chosen}
+        buffer = backend.alloc_in(graph, buffer_type)
+        for c in chosen:
+            ggml.tensor_set(tensors[c.name], np.asarray(c.data).view(np.uint8))
+        self.tensors.update(tensors)
+        self.repacked = (graph, buffer)
 
     def __getitem__(self, name: str) -> ggml.Tensor:
         try:
@@ -71,6 +99,10 @@ class GGUFTensors:
         return block(**values)
 
     def close(self) -> None:
+        if self.repacked:
+            ggml.free_buffer(self.repacked[1])
+            self.repacked[0].close()
+            self.repacked = None
         ggml.free_buffer(self.buffer)
         self.buffer = None
         self.graph.close()

@@ -24,7 +24,8 @@ from models.mllama import gguf_keys as K
 from models.mllama.cross_attention import Gates
 from models.mllama.hparams import MllamaHParams
 from models.mllama.vision import Image, ImageKV, VisionTower, encode
-from models.mllama.weights import CrossAttentionLayer, ImageToken, cross_attention_prefixes
+from models.mllama.weights import (CROSS_ATTENTION_GGUF_PREFIX, CrossAttentionLayer, ImageToken,
+                                   cross_attention_prefixes)
 
 Progress = Callable[[str, float], None]
 IMAGE_TOKEN = "<|image|>"
@@ -59,8 +60,10 @@ class VisionFile:
     """The vision GGUF on the backend: tower, cross layers, image-token embedding, hyperparameters."""
 
     def __init__(self, path: Path, backend: ggml.Backend, progress: Progress | None) -> None:
+        # The cross layers run for every decoded token: give them the CPU's repacked layouts, as llama.cpp
+        # gives its own layers. The vision tower runs once per image and stays memory-mapped.
         self.tensors = GGUFTensors(path, backend, progress=(lambda f: progress("loading vision model", f))
-                                   if progress else None)
+                                   if progress else None, repack=lambda name: name.startswith(CROSS_ATTENTION_GGUF_PREFIX))
         meta = self.tensors.metadata
         if meta.get("general.architecture") != K.ARCHITECTURE:
             raise ModelError(f"{path.name} is not an lva vision file (architecture "

@@ -114,8 +114,11 @@ class CrossAttentionLayer:
     mlp_gate: Any = tensor("mlp_gate", "cross_attn_mlp_gate", Kind.VECTOR)
 
 
+CROSS_ATTENTION_GGUF_PREFIX = "cross.blk."
+
+
 def cross_attention_prefixes(stack_index: int) -> tuple[str, str]:
-    return f"cross.blk.{stack_index}.", f"{TEXT_HF_PREFIX}layers.{stack_index}."
+    return f"{CROSS_ATTENTION_GGUF_PREFIX}{stack_index}.", f"{TEXT_HF_PREFIX}layers.{stack_index}."
 
 
 VISION_HF_PREFIX = "vision_model."
