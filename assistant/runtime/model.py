@@ -99,6 +99,7 @@ class MllamaModel:
         self.n_batch = min(n_ctx, n_batch)                 # tokens per llama_decode call
         self.n_ubatch = min(self.n_batch, n_ubatch or n_batch)   # llama.cpp splits each call into these
         self.prompt_tokens_evaluated = 0            # by the last generate call: what the KV cache could not reuse
+        self.images_encoded = 0                     # runs of the vision encoder (cache hits do not count)
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type]
         self.text_path = Path(text_path)
@@ -138,7 +139,25 @@ class MllamaModel:
     def _text_metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n >= len(buf):                       # the value's length comes back when it did not fit
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
         return buf.value.decode() if n >= 0 else None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template the converter copied from the checkpoint (`tokenizer.chat_template`)."""
+        return self._text_metadata("tokenizer.chat_template")
+
+    def special_token_text(self, token: int) -> str:
+        """How a special token is written in a prompt, e.g. BOS as `<|begin_of_text|>`."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+    @property
+    def bos_token(self) -> int:
+        return llama_cpp.llama_vocab_bos(self.vocab)
 
     def _attach_vision(self, path: Path, progress: Progress | None) -> None:
         if not path.is_file():
@@ -209,6 +228,7 @@ class MllamaModel:
                     Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
                     (lambda f: progress("encoding image", f)) if progress else None)
         self._images[key] = kv
+        self.images_encoded += 1
         self._evict_images()
         return key, kv
 
@@ -334,6 +354,11 @@ class MllamaModel:
         self._ctx_tokens = list(token_ids)
         return last[-1]
 
+    def next_token_logits(self, token_ids: Sequence[int], image: ImageSource | None = None) -> np.ndarray:
+        """float32 [n_vocab] after `token_ids`, evaluated in the kept context: only what it lacks is evaluated."""
+        image_key, _ = self._bind(token_ids, image, None)
+        return self._prefill(list(token_ids), image_key)
+
     def generate_tokens(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
                         temperature: float = 0.6, top_p: float = 0.9, top_k: int = 40, min_p: float = 0.05,
                         repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
@@ -358,11 +383,17 @@ class MllamaModel:
             llama_cpp.llama_sampler_free(sampler)
 
     def generate(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
-                 stop: Sequence[str] = (), **sampling) -> Iterator[str]:
-        """Text pieces as they are sampled; a piece never splits a UTF-8 character or shows part of a stop string."""
+                 stop: Sequence[str] = (), on_token: Callable[[int], None] | None = None,
+                 **sampling) -> Iterator[str]:
+        """Text pieces as they are sampled; a piece never splits a UTF-8 character or shows part of a stop string.
+
+        `on_token` sees every sampled id (the end-of-turn token excepted), for callers that keep the ids.
+        """
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""
         for token in self.generate_tokens(token_ids, image, max_tokens=max_tokens, **sampling):
+            if on_token:
+                on_token(token)
             pending += decoder.decode(self.token_bytes(token))
             hit = min((pending.find(s) for s in stop if s in pending), default=-1)
             if hit >= 0:

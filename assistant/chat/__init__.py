@@ -1,0 +1,1 @@
+"""Conversations: prompts from the model's chat template, turns, the context window, history."""

@@ -1,0 +1,231 @@
+"""One conversation with the model: turns, one image, the context window, streaming, stop, regenerate, edit.
+
+The terminal app, `lva ask` and `lva batch` all talk through this. It works with any model that has the
+runtime's interface (`load_model` of a pair, or of a plain text GGUF, which then chats without images).
+
+The evaluated transcript is kept as token ids: a new turn appends its own tokens after the previous
+prompt and the answer as it was generated, so the KV cache covers everything before it and only the new
+turn is evaluated. Re-rendering the text would re-tokenize the answers and could differ from what the
+model produced.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from assistant.chat.template import ChatMessage, ChatTemplate, ChatTemplateError
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+class ChatError(ValueError):
+    """Something the user can fix: the message is one line."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-conversation settings, llama.cpp's samplers."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    seed: int | None = None
+
+    def generate_args(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "max_tokens"}
+
+
+@dataclass
+class Turn:
+    role: str                                   # user | assistant
+    text: str
+    image: Path | None = None                   # the image attached at this user turn
+    status: str = "complete"                    # assistant turns: complete | stopped
+    message_id: int | None = None               # its row in the history, when kept
+
+
+@dataclass
+class Reply:
+    """What one answer cost and what happened around it."""
+
+    text: str = ""
+    status: str = "complete"
+    prompt_tokens: int = 0                      # the whole prompt
+    evaluated_tokens: int = 0                   # of those, what the KV cache did not already hold
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    dropped_turns: int = 0                      # oldest turns left out to fit the context
+
+
+@dataclass
+class Conversation:
+    """The engine's state: what the history stores, plus the token transcript behind the KV cache."""
+
+    system_prompt: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    transcript: list[int] = field(default_factory=list)   # prompt + answer ids of the last exchange
+    transcript_turns: int = 0                             # how many turns `transcript` covers
+    last_prompt: list[int] = field(default_factory=list)   # the ids the last answer was generated from
+
+
+class ChatEngine:
+    """Drives one model through conversations; not thread-safe except `stop()`."""
+
+    def __init__(self, model, clock: Callable[[], float] = time.perf_counter, date_string: str | None = None):
+        self.model = model
+        self.clock = clock
+        self.date_string = date_string
+        source = model.chat_template
+        if not source:
+            raise ChatError(f"{model.text_path.name} has no chat template; convert it from an Instruct checkpoint")
+        self.template = ChatTemplate(source, model.special_token_text(model.bos_token))
+        self.end_of_message = self._end_of_message()
+        self._stop = threading.Event()
+
+    def _end_of_message(self) -> str:
+        """The text the template puts right after an assistant message (`<|eot_id|>` for Llama 3)."""
+        marker = "\x00answer\x00"
+        text = self.template.render([ChatMessage("user", "?"), ChatMessage("assistant", marker)],
+                                    add_generation_prompt=False)
+        return text.split(marker, 1)[1] if marker in text else ""
+
+    # ------------------------------------------------------------------------------------------ prompts
+
+    def current_image(self, conversation: Conversation, upto: int | None = None) -> tuple[int | None, Path | None]:
+        """The last image attached before turn `upto`: the model attends to the last image only."""
+        for index in range(len(conversation.turns[:upto]) - 1, -1, -1):
+            if conversation.turns[index].image is not None:
+                return index, conversation.turns[index].image
+        return None, None
+
+    def _messages(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[ChatMessage]:
+        messages = [ChatMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
+        return messages + [ChatMessage(t.role, t.text, has_image=(i == image_turn)) for i, t in enumerate(turns)]
+
+    def _render(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[int]:
+        variables = {"date_string": self.date_string} if self.date_string else {}
+        try:
+            text = self.template.render(self._messages(conversation, turns, image_turn), **variables)
+        except ChatTemplateError as exc:
+            raise ChatError(str(exc)) from None
+        return self.model.tokenize(text)
+
+    def prompt(self, conversation: Conversation) -> tuple[list[int], Path | None, int]:
+        """Token ids for the next answer, the image they bind, and how many old turns were dropped to fit.
+
+        Oldest turns go first, in user/assistant pairs; the system prompt and the image's turn stay.
+        """
+        turns = list(conversation.turns)
+        image_turn, image = self.current_image(conversation)
+        budget = self.model.n_ctx - conversation.sampling.max_tokens
+        dropped = 0
+        ids = self._incremental(conversation, image_turn)
+        if ids is None:
+            ids = self._render(conversation, turns, image_turn)
+        while len(ids) > budget:
+            victim = next((i for i in range(len(turns) - 1) if i != image_turn and turns[i].role == "user"), None)
+            if victim is None:
+                raise ChatError(f"the message is too long: {len(ids)} tokens, and the context holds "
+                                f"{self.model.n_ctx} with {conversation.sampling.max_tokens} kept for the answer")
+            count = 2 if victim + 1 < len(turns) - 1 and turns[victim + 1].role == "assistant" else 1
+            del turns[victim:victim + count]
+            if image_turn is not None and image_turn > victim:
+                image_turn -= count
+            dropped += count
+            ids = self._render(conversation, turns, image_turn)
+        return ids, image, dropped
+
+    def _incremental(self, conversation: Conversation, image_turn: int | None) -> list[int] | None:
+        """The kept transcript + the new turns' tokens, when the template renders the new turns as a suffix."""
+        done = conversation.transcript_turns
+        if not conversation.transcript or done >= len(conversation.turns):
+            return None
+        if image_turn is not None and image_turn >= done:
+            return None                                      # a new image changes how the template starts
+        before = self._text(conversation, conversation.turns[:done], image_turn, add_generation_prompt=False)
+        after = self._text(conversation, conversation.turns, image_turn, add_generation_prompt=True)
+        if not after.startswith(before):
+            return None
+        return conversation.transcript + self.model.tokenize(after[len(before):])
+
+    def _text(self, conversation: Conversation, turns: list[Turn], image_turn: int | None,
+              add_generation_prompt: bool) -> str:
+        variables = {"date_string": self.date_string} if self.date_string else {}
+        try:
+            return self.template.render(self._messages(conversation, turns, image_turn),
+                                        add_generation_prompt=add_generation_prompt, **variables)
+        except ChatTemplateError as exc:
+            raise ChatError(str(exc)) from None
+
+    # ------------------------------------------------------------------------------------------ answers
+
+    def send(self, conversation: Conversation, text: str, image: Path | None = None,
+             on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+        """Add a user turn and stream the answer; the finished `Reply` goes to `on_reply`."""
+        if image is not None and getattr(self.model, "vision", None) is None:
+            raise ChatError(f"{self.model.text_path.name} has no vision file, so it cannot look at images")
+        conversation.turns.append(Turn("user", text, image=Path(image) if image else None))
+        return self._answer(conversation, on_reply)
+
+    def regenerate(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+        """Drop the last answer and answer the last user turn again."""
+        if conversation.turns and conversation.turns[-1].role == "assistant":
+            conversation.turns.pop()
+        if not conversation.turns:
+            raise ChatError("there is nothing to answer yet")
+        # The same ids as last time (re-rendering would re-tokenize earlier answers' text).
+        prompt = conversation.last_prompt or None
+        conversation.transcript, conversation.transcript_turns = [], 0
+        return self._answer(conversation, on_reply, prompt)
+
+    def edit(self, conversation: Conversation, index: int, text: str,
+             on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+        """Replace user turn `index`, forget everything after it, and answer from there."""
+        if not 0 <= index < len(conversation.turns) or conversation.turns[index].role != "user":
+            raise ChatError(f"turn {index + 1} is not a message of yours")
+        conversation.turns[index] = replace(conversation.turns[index], text=text, message_id=None)
+        del conversation.turns[index + 1:]
+        conversation.transcript, conversation.transcript_turns = [], 0
+        return self._answer(conversation, on_reply)
+
+    def stop(self) -> None:
+        """Ask a running answer to end after the current token; the partial answer is kept, marked stopped."""
+        self._stop.set()
+
+    def _answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None,
+                prompt: list[int] | None = None) -> Iterator[str]:
+        ids, image, dropped = self.prompt(conversation)
+        if prompt is not None:
+            ids, dropped = prompt, 0
+        conversation.last_prompt = ids
+        reply = Reply(prompt_tokens=len(ids), dropped_turns=dropped)
+        answer = Turn("assistant", "", status="stopped")        # kept as stopped unless it ends by itself
+        conversation.turns.append(answer)
+        self._stop.clear()
+        start, tokens = self.clock(), []
+        try:
+            for piece in self.model.generate(ids, image=image, max_tokens=conversation.sampling.max_tokens,
+                                             on_token=tokens.append, **conversation.sampling.generate_args()):
+                answer.text += piece
+                yield piece
+                if self._stop.is_set():
+                    break
+            else:
+                answer.status = "complete"
+        finally:
+            reply.evaluated_tokens = self.model.prompt_tokens_evaluated
+            reply.text, reply.status = answer.text, answer.status
+            reply.completion_tokens, reply.seconds = len(tokens), self.clock() - start
+            # What the template writes after an answer closes it, however the answer ended.
+            conversation.transcript = ids + tokens + self.model.tokenize(self.end_of_message)
+            conversation.transcript_turns = len(conversation.turns) if dropped == 0 else 0
+            if on_reply:
+                on_reply(reply)
