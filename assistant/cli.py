@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
 
     commands.add_parser("models", help="list the converted models in the store")
+
+    from assistant.commands import ask, batch, history
+
+    for command in (ask, batch, history):
+        command.add_parser(commands)
     return parser
 
 
@@ -84,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) if args.command in COMMANDS else args.run(args)
     except KeyboardInterrupt:
-        print("lva: interrupted; nothing was kept", file=sys.stderr)
+        kept = "nothing was kept" if args.command == "convert" else "what was answered so far is kept"
+        print(f"lva: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001  (only the user-facing kinds below are caught)
         if not _is_user_error(error):
@@ -96,7 +102,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(error: Exception) -> bool:
+    """The typed errors a user can cause; anything else is a bug and keeps its traceback."""
+    from assistant.chat.engine import ChatError
+    from assistant.history import HistoryError
+    from assistant.images import ImageError
+    from assistant.store import ModelNotFound
     from convert.errors import ConvertError
     from models.ggml import LlamaCppVersionError
 
-    return isinstance(error, (ConvertError, LlamaCppVersionError))
+    user_errors = (ConvertError, LlamaCppVersionError, ModelNotFound, ImageError, ChatError, HistoryError, OSError)
+    if isinstance(error, user_errors):
+        return True
+    from assistant.runtime import ModelError
+    from models.gguf_tensors import GGUFError
+
+    return isinstance(error, (ModelError, GGUFError))

@@ -49,3 +49,29 @@ def installed_models(directory: Path | None = None) -> list[InstalledModel]:
             found.setdefault((match["name"], match["quant"]), {})[match["tower"]] = path
     return [InstalledModel(name, quant, towers.get("text"), towers.get("vision"))
             for (name, quant), towers in sorted(found.items())]
+
+
+class ModelNotFound(ValueError):
+    """`--model` names nothing usable, or there is no single model to default to; one line for the user."""
+
+
+def resolve_model(choice: str | None = None, directory: Path | None = None) -> Path:
+    """The text GGUF to run: a path to a .gguf file, or a model name in the store (NAME or NAME-QUANT);
+    without a choice, the only model in the store."""
+    if choice and (choice.endswith(".gguf") or os.sep in choice):
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise ModelNotFound(f"{path}: no such model file")
+        return path
+    models = [m for m in installed_models(directory) if m.text is not None]
+    if choice:
+        models = [m for m in models if choice in (m.name, f"{m.name}-{m.quant}")]
+        if not models:
+            raise ModelNotFound(f"no model named {choice!r} in {directory or models_dir()}; `lva models` lists them")
+    if not models:
+        raise ModelNotFound(f"no models in {directory or models_dir()}; convert one with: "
+                            "lva convert meta-llama/Llama-3.2-11B-Vision-Instruct")
+    if len(models) > 1:
+        names = ", ".join(f"{m.name}-{m.quant}" for m in models)
+        raise ModelNotFound(f"several models could run ({names}); choose one with --model")
+    return models[0].text

@@ -1,0 +1,9 @@
+"""Durable conversation history: SQLite (WAL, versioned migrations, full-text search) plus stored images.
+
+Usage: `with History() as history: conversation = history.new_conversation(...)`. See store.py.
+"""
+
+from assistant.history.store import (Conversation, History, HistoryError, Message, Role, Status,
+                                     StoredImage)
+
+__all__ = ["Conversation", "History", "HistoryError", "Message", "Role", "Status", "StoredImage"]

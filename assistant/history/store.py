@@ -1,0 +1,717 @@
+"""Durable conversation history: one SQLite file, and the images copied beside it by content.
+
+Layout (under `data_dir()`, i.e. $LVA_HOME when set):
+    history.sqlite3                 conversations, messages, images, full-text index (schema: migrations.py)
+    images/ab/ab12…ef.png           each image once, named by the sha256 of its bytes
+
+Why it survives crashes:
+- WAL journal with `synchronous=NORMAL`. A commit is in the write-ahead log before `commit()` returns, so a
+  process killed at any moment (SIGKILL mid-answer) loses nothing it committed and never corrupts the file.
+  Only a power cut or OS crash can lose the last few commits, and even then the file stays consistent.
+  FULL would fsync on every commit, and we commit on every streamed chunk of an answer: not worth it.
+- Every write is one transaction, begun with BEGIN IMMEDIATE (see `_write`), and a busy timeout lets a
+  second process wait for the lock instead of failing, so two `lva` windows can share one history.
+- A streamed answer is inserted first with status 'stopped' and updated as text arrives, then marked
+  'complete'. If the process dies, the partial answer is there, marked as stopped.
+- Images are written to a temporary file in the target folder, fsynced, then renamed into place, so a
+  stored image is either whole or absent.
+
+Export format ("lva-conversation", version 1), a JSON object with no database ids:
+    {"format": "lva-conversation", "version": 1,
+     "title", "created_at", "updated_at", "system_prompt", "model": str | null (times ISO 8601),
+     "sampling": object | null, "image": sha256 | null,
+     "messages": [{"role": "system" | "user" | "assistant", "text", "image": sha256 | null, "created_at",
+                   "prompt_tokens", "completion_tokens", "seconds", "model", "sampling",
+                   "status": "complete" | "stopped" | "error"}, ...],
+     "images": {sha256: {"name", "format", "mime", "width", "height", "bytes",
+                         "data": base64 of the file (only when exported with include_images=True)}}}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+
+from PIL import Image
+
+from assistant.history.migrations import MIGRATIONS, migrate, schema_version
+from assistant.store import data_dir
+
+Role = Literal["system", "user", "assistant"]
+Status = Literal["complete", "stopped", "error"]
+ROLES: tuple[str, ...] = get_args(Role)
+STATUSES: tuple[str, ...] = get_args(Status)
+
+BUSY_TIMEOUT_S = 10.0       # how long a write waits for another process's transaction to finish
+EXPORT_FORMAT = "lva-conversation"
+EXPORT_VERSION = 1
+SNIPPET_MARKS = ("**", "**")  # around each matched word in `search` snippets: Markdown bold
+# File extension for a Pillow format, where the lower-cased format name is not the usual one.
+EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg"}
+
+
+class HistoryError(ValueError):
+    """Something the user caused (an unknown id, a bad import, a file that is not a history); one line."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    title: str | None
+    created_at: datetime
+    updated_at: datetime        # the last time a message was added or changed; lists sort on it
+    system_prompt: str | None
+    model: str | None
+    sampling: dict[str, Any] | None
+    image_id: str | None        # the image the conversation is about, if any
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    conversation_id: int
+    position: int               # 0, 1, 2, ... within the conversation
+    role: Role
+    text: str
+    image_id: str | None        # the image attached at this turn
+    created_at: datetime
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    seconds: float | None
+    model: str | None
+    sampling: dict[str, Any] | None
+    status: Status              # 'stopped': a partial answer, kept; 'error': generation failed
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    id: str                     # sha256 hex of the file bytes
+    name: str | None            # the original file name
+    format: str                 # Pillow's name: PNG, JPEG, ...
+    mime: str | None
+    width: int
+    height: int
+    bytes: int
+    relative_path: str          # under `History.images_dir`; `History.image_path(id)` gives the full path
+    created_at: datetime
+
+
+class History:
+    """The conversation store. Cheap to open; one may be shared between threads (each call is atomic)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None,
+                 images_dir: str | os.PathLike[str] | None = None) -> None:
+        """Open (creating and migrating as needed) the history at `path`, default `data_dir()/history.sqlite3`.
+
+        Images live in `images_dir`, default the `images` folder beside the database.
+        """
+        self.path = Path(path) if path is not None else data_dir() / "history.sqlite3"
+        self.images_dir = Path(images_dir) if images_dir is not None else self.path.parent / "images"
+        self._lock = threading.RLock()
+        self._db = _open(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- conversations ---
+
+    def new_conversation(self, title: str | None = None, system_prompt: str | None = None,
+                         model: str | None = None, sampling: Mapping[str, Any] | None = None) -> Conversation:
+        now = _now()
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO conversations (title, created_at, updated_at, system_prompt, model, sampling)"
+                " VALUES (?, ?, ?, ?, ?, ?)", (title, now, now, system_prompt, model, _json(sampling)))
+            return _conversation_in(db, cursor.lastrowid)
+
+    def conversation(self, conversation_id: int) -> Conversation:
+        with self._read() as db:
+            return _conversation_in(db, conversation_id)
+
+    def list_conversations(self, limit: int | None = None) -> list[Conversation]:
+        """Most recently active first."""
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_columns(Conversation)} FROM conversations"
+                              " ORDER BY updated_at DESC, id DESC LIMIT ?",
+                              (-1 if limit is None else limit,))     # LIMIT -1: no limit
+            return [_from_row(Conversation, row) for row in rows]
+
+    def last_conversation(self) -> Conversation | None:
+        """The one to resume on start-up, if there is any."""
+        found = self.list_conversations(limit=1)
+        return found[0] if found else None
+
+    def rename(self, conversation_id: int, title: str | None) -> Conversation:
+        with self._write() as db:
+            _conversation_in(db, conversation_id)
+            db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
+            return _conversation_in(db, conversation_id)
+
+    def set_conversation_image(self, conversation_id: int, image_id: str | None) -> Conversation:
+        with self._write() as db:
+            _conversation_in(db, conversation_id)
+            if image_id is not None:
+                _image_in(db, image_id)
+            db.execute("UPDATE conversations SET image_id = ? WHERE id = ?", (image_id, conversation_id))
+            return _conversation_in(db, conversation_id)
+
+    def delete(self, conversation_id: int) -> None:
+        """Delete a conversation and its messages. Images stay: they are shared by content."""
+        with self._write() as db:
+            _conversation_in(db, conversation_id)
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    # --- messages ---
+
+    def add_message(self, conversation_id: int, role: Role, text: str, image_id: str | None = None,
+                    prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                    seconds: float | None = None, model: str | None = None,
+                    sampling: Mapping[str, Any] | None = None, status: Status = "complete") -> Message:
+        """Append a turn at the next position.
+
+        For a streamed answer, add it with status 'stopped' and `update_message` it as text arrives:
+        whatever was committed survives a crash, marked as a partial answer.
+        """
+        _check_choice("role", role, ROLES)
+        _check_choice("status", status, STATUSES)
+        now = _now()
+        with self._write() as db:
+            _conversation_in(db, conversation_id)
+            if image_id is not None:
+                _image_in(db, image_id)
+            # Safe without a race: BEGIN IMMEDIATE holds the write lock until this transaction commits.
+            position = db.execute("SELECT COALESCE(MAX(position) + 1, 0) FROM messages"
+                                  " WHERE conversation_id = ?", (conversation_id,)).fetchone()[0]
+            cursor = db.execute(
+                "INSERT INTO messages (conversation_id, position, role, text, image_id, created_at,"
+                " prompt_tokens, completion_tokens, seconds, model, sampling, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, position, role, text, image_id, now, prompt_tokens, completion_tokens,
+                 seconds, model, _json(sampling), status))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+            return _message_in(db, cursor.lastrowid)
+
+    def update_message(self, message_id: int, *, text: str | None = None, status: Status | None = None,
+                       prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                       seconds: float | None = None) -> Message:
+        """Change the given fields of a message (None leaves a field as it is); `text` is the whole text.
+
+        Called while streaming, so it is one small transaction and no fsync (see the module docstring).
+        """
+        if status is not None:
+            _check_choice("status", status, STATUSES)
+        changes = {column: value for column, value in (
+            ("text", text), ("status", status), ("prompt_tokens", prompt_tokens),
+            ("completion_tokens", completion_tokens), ("seconds", seconds)) if value is not None}
+        with self._write() as db:
+            message = _message_in(db, message_id)
+            if changes:
+                assignments = ", ".join(f"{column} = ?" for column in changes)  # our own column names
+                db.execute(f"UPDATE messages SET {assignments} WHERE id = ?", (*changes.values(), message_id))
+                db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
+                           (_now(), message.conversation_id))
+            return _message_in(db, message_id)
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        """The turns in order."""
+        with self._read() as db:
+            _conversation_in(db, conversation_id)
+            return _messages_in(db, conversation_id)
+
+    def delete_messages_after(self, conversation_id: int, position: int) -> int:
+        """Drop every message after `position` (to regenerate or edit a turn); return how many went."""
+        with self._write() as db:
+            _conversation_in(db, conversation_id)
+            cursor = db.execute("DELETE FROM messages WHERE conversation_id = ? AND position > ?",
+                                (conversation_id, position))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), conversation_id))
+            return cursor.rowcount
+
+    # --- images ---
+
+    def add_image(self, source: str | os.PathLike[str] | bytes, name: str | None = None) -> StoredImage:
+        """Copy an image into the store, named by the sha256 of its bytes.
+
+        The history then keeps working after the original is moved or deleted, and the same picture
+        attached twice is stored once (the first name given is kept).
+        """
+        data, name = _read_image_source(source, name)
+        sha = hashlib.sha256(data).hexdigest()
+        image_format, mime, (width, height) = _describe_image(data, name)
+        relative_path = f"{sha[:2]}/{sha}{EXTENSIONS.get(image_format, '.' + image_format.lower())}"
+        target = self.images_dir / relative_path
+        if not target.is_file():    # written atomically, so a file that is there is whole
+            _write_atomically(target, data)
+        with self._write() as db:   # after the file, so a row never points at a missing file
+            db.execute("INSERT OR IGNORE INTO images (id, name, format, mime, width, height, bytes,"
+                       " relative_path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (sha, name, image_format, mime, width, height, len(data), relative_path, _now()))
+            return _image_in(db, sha)
+
+    def image(self, image_id: str) -> StoredImage:
+        with self._read() as db:
+            return _image_in(db, image_id)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.images_dir / self.image(image_id).relative_path
+
+    # --- search ---
+
+    def search(self, query: str, limit: int = 50) -> list[tuple[Conversation, str]]:
+        """Conversations whose title, or one of whose messages, contains every word of `query`.
+
+        Words match as prefixes, after stemming ("run" finds "running"); FTS5 query syntax is not exposed,
+        so any text is a valid query. Title matches come first, then messages by relevance; each
+        conversation once, with a snippet of its best match, matched words between `SNIPPET_MARKS`.
+        """
+        match = _fts_query(query)
+        if not match:
+            return []
+        start, end = SNIPPET_MARKS
+        with self._read() as db:
+            title_hits = db.execute(
+                "SELECT rowid, snippet(conversations_fts, 0, ?, ?, '…', 12) FROM conversations_fts"
+                " WHERE conversations_fts MATCH ? ORDER BY rank", (start, end, match)).fetchall()
+            message_hits = db.execute(
+                "SELECT messages.conversation_id, snippet(messages_fts, 0, ?, ?, '…', 12)"
+                " FROM messages_fts JOIN messages ON messages.id = messages_fts.rowid"
+                " WHERE messages_fts MATCH ? ORDER BY rank", (start, end, match)).fetchall()
+            snippets: dict[int, str] = {}
+            for conversation_id, snippet in [*title_hits, *message_hits]:
+                snippets.setdefault(conversation_id, snippet)
+            return [(_conversation_in(db, conversation_id), snippet)
+                    for conversation_id, snippet in list(snippets.items())[:limit]]
+
+    # --- export and import ---
+
+    def export_markdown(self, conversation_id: int) -> str:
+        """A readable transcript: a heading per turn, images as links to the stored copies."""
+        with self._read() as db:
+            conversation = _conversation_in(db, conversation_id)
+            messages = _messages_in(db, conversation_id)
+            images = _images_in(db, [conversation.image_id, *(m.image_id for m in messages)])
+        lines = [f"# {conversation.title or 'Untitled conversation'}", ""]
+        about = [f"Started {conversation.created_at:%Y-%m-%d %H:%M} UTC"]
+        if conversation.model:
+            about.append(f"model {conversation.model}")
+        lines += [f"*{' · '.join(about)}*", ""]
+        if conversation.image_id:
+            lines += [self._markdown_image(images[conversation.image_id]), ""]
+        if conversation.system_prompt:
+            lines += ["**System prompt**", "", *(f"> {line}" for line in conversation.system_prompt.splitlines()), ""]
+        for message in messages:
+            lines += [f"## {message.role.capitalize()}", ""]
+            if message.image_id:
+                lines += [self._markdown_image(images[message.image_id]), ""]
+            lines += [message.text, ""]
+            if note := _message_note(message):
+                lines += [f"*{note}*", ""]
+        return "\n".join(lines)
+
+    def export_json(self, conversation_id: int, include_images: bool = False) -> dict[str, Any]:
+        """The conversation as "lva-conversation" version 1 (see the module docstring): JSON types only.
+
+        Images are referenced by sha256 and described under "images"; with `include_images` their bytes
+        come along as base64, so the export alone is enough to restore them on another machine.
+        """
+        with self._read() as db:
+            conversation = _conversation_in(db, conversation_id)
+            messages = _messages_in(db, conversation_id)
+            images = _images_in(db, [conversation.image_id, *(m.image_id for m in messages)])
+        return {
+            "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+            "title": conversation.title,
+            "created_at": conversation.created_at.isoformat(), "updated_at": conversation.updated_at.isoformat(),
+            "system_prompt": conversation.system_prompt, "model": conversation.model,
+            "sampling": conversation.sampling, "image": conversation.image_id,
+            "messages": [{"role": m.role, "text": m.text, "image": m.image_id, "created_at": m.created_at.isoformat(),
+                          "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
+                          "seconds": m.seconds, "model": m.model, "sampling": m.sampling, "status": m.status}
+                         for m in messages],
+            "images": {sha: self._exported_image(image, include_images) for sha, image in images.items()},
+        }
+
+    def import_json(self, data: Mapping[str, Any] | str | bytes,
+                    images_dir: str | os.PathLike[str] | None = None) -> Conversation:
+        """Add an `export_json` conversation (a dict or its JSON text) as a new one, keeping its timestamps.
+
+        Each image comes from its embedded data, from this store if already there, or from `images_dir`
+        (another lva's images folder, or a folder holding the originals under their names); its bytes must
+        match its sha256. Everything is checked before anything is written.
+        """
+        record = _parse_export(data)
+        referenced = {sha for sha in [record["image"], *(m["image"] for m in record["messages"])] if sha}
+        missing = {sha: self._image_to_import(sha, record["images"].get(sha, {}), images_dir)
+                   for sha in sorted(referenced)}
+        for sha, data in missing.items():
+            if data is not None:
+                self.add_image(data, record["images"].get(sha, {}).get("name"))
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO conversations (title, created_at, updated_at, system_prompt, model, sampling,"
+                " image_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record["title"], record["created_at"], record["updated_at"], record["system_prompt"],
+                 record["model"], _json(record["sampling"]), record["image"]))
+            for position, message in enumerate(record["messages"]):
+                db.execute(
+                    "INSERT INTO messages (conversation_id, position, role, text, image_id, created_at,"
+                    " prompt_tokens, completion_tokens, seconds, model, sampling, status)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (cursor.lastrowid, position, message["role"], message["text"], message["image"],
+                     message["created_at"], message["prompt_tokens"], message["completion_tokens"],
+                     message["seconds"], message["model"], _json(message["sampling"]), message["status"]))
+            return _conversation_in(db, cursor.lastrowid)
+
+    # --- internals ---
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block ends, rolled back if it raises.
+
+        BEGIN IMMEDIATE takes the write lock up front. A plain BEGIN would take it at the first write, and
+        if another process committed in between, SQLite fails that write at once (SQLITE_BUSY) instead of
+        waiting out the busy timeout.
+        """
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield self._db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for several SELECTs; in WAL mode readers and the writer never wait on each other."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            yield self._db
+
+    def _markdown_image(self, image: StoredImage) -> str:
+        return f"![{image.name or image.id[:12]}]({(self.images_dir / image.relative_path).resolve().as_uri()})"
+
+    def _exported_image(self, image: StoredImage, include_data: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": image.name, "format": image.format, "mime": image.mime,
+                                 "width": image.width, "height": image.height, "bytes": image.bytes}
+        if include_data:
+            path = self.images_dir / image.relative_path
+            try:
+                entry["data"] = base64.b64encode(path.read_bytes()).decode("ascii")
+            except FileNotFoundError:
+                raise HistoryError(f"image {image.name or image.id} is missing from {self.images_dir}") from None
+        return entry
+
+    def _image_to_import(self, sha: str, entry: Mapping[str, Any],
+                         images_dir: str | os.PathLike[str] | None) -> bytes | None:
+        """The bytes of image `sha`, from the export entry or `images_dir`; None if this store has it already."""
+        name = entry.get("name")
+        if entry.get("data") is not None:
+            try:
+                data = base64.b64decode(entry["data"], validate=True)
+            except binascii.Error:
+                raise HistoryError(f"import: images[{sha[:12]}…].data is not base64") from None
+        else:
+            with self._read() as db:
+                known = db.execute("SELECT relative_path FROM images WHERE id = ?", (sha,)).fetchone()
+            if known and (self.images_dir / known[0]).is_file():
+                return None
+            data = _find_image(sha, name, images_dir)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise HistoryError(f"import: image {name or sha[:12]} does not match its sha256")
+        _describe_image(data, name)     # not an image: refuse now, before anything is written
+        return data
+
+
+# --- opening ---
+
+# NORMAL: in WAL mode this is still safe when the process dies (see the module docstring); only an OS crash
+# may lose the last commits. foreign_keys is off by default in SQLite and is per connection: without it,
+# ON DELETE CASCADE does nothing.
+PRAGMAS = ("PRAGMA synchronous = NORMAL", "PRAGMA foreign_keys = ON")
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Connect, configure and migrate; a file that cannot be our database is a one-line HistoryError."""
+    if path.is_dir():
+        raise HistoryError(f"{path}: is a directory, not a history database")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; `_write` and `_read` begin them explicitly.
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    try:
+        _use_wal(db)
+        for pragma in PRAGMAS:
+            db.execute(pragma)
+        version = schema_version(db)
+        if version > len(MIGRATIONS):
+            raise HistoryError(f"{path}: written by a newer lva (schema version {version}; "
+                               f"this one knows up to {len(MIGRATIONS)})")
+        migrate(db)
+    except sqlite3.Error as error:
+        db.close()
+        raise HistoryError(f"{path}: not a usable history database ({error})") from None
+    except HistoryError:
+        db.close()
+        raise
+    return db
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch to the WAL journal: readers never block the writer, and a killed writer cannot corrupt the file.
+
+    The switch is stored in the file, so it happens once. When two processes make it on a new database at
+    the same moment, SQLite answers BUSY at once instead of using the busy timeout, so we retry ourselves.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+# --- rows to dataclasses ---
+
+T = TypeVar("T", Conversation, Message, StoredImage)
+
+
+def _columns(cls: type) -> str:
+    """The SELECT list for a dataclass: its fields are named after the columns."""
+    return ", ".join(field.name for field in fields(cls))
+
+
+def _from_row(cls: type[T], row: sqlite3.Row) -> T:
+    values = dict(row)
+    for key in ("created_at", "updated_at"):
+        if key in values:
+            values[key] = datetime.fromisoformat(values[key])
+    if values.get("sampling") is not None:
+        values["sampling"] = json.loads(values["sampling"])
+    return cls(**values)
+
+
+def _conversation_in(db: sqlite3.Connection, conversation_id: int | None) -> Conversation:
+    row = db.execute(f"SELECT {_columns(Conversation)} FROM conversations WHERE id = ?",
+                     (conversation_id,)).fetchone()
+    if row is None:
+        raise HistoryError(f"no conversation with id {conversation_id}")
+    return _from_row(Conversation, row)
+
+
+def _message_in(db: sqlite3.Connection, message_id: int | None) -> Message:
+    row = db.execute(f"SELECT {_columns(Message)} FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        raise HistoryError(f"no message with id {message_id}")
+    return _from_row(Message, row)
+
+
+def _messages_in(db: sqlite3.Connection, conversation_id: int) -> list[Message]:
+    rows = db.execute(f"SELECT {_columns(Message)} FROM messages WHERE conversation_id = ? ORDER BY position",
+                      (conversation_id,))
+    return [_from_row(Message, row) for row in rows]
+
+
+def _image_in(db: sqlite3.Connection, image_id: str) -> StoredImage:
+    row = db.execute(f"SELECT {_columns(StoredImage)} FROM images WHERE id = ?", (image_id,)).fetchone()
+    if row is None:
+        raise HistoryError(f"no image with id {image_id}")
+    return _from_row(StoredImage, row)
+
+
+def _images_in(db: sqlite3.Connection, image_ids: list[str | None]) -> dict[str, StoredImage]:
+    """The distinct images among `image_ids` (Nones skipped), in first-use order."""
+    return {image_id: _image_in(db, image_id) for image_id in dict.fromkeys(image_ids) if image_id}
+
+
+# --- small helpers ---
+
+def _now() -> str:
+    """UTC, fixed width with microseconds, so timestamps sort correctly as text."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _json(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(dict(value), sort_keys=True)
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise HistoryError(f"{what} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _fts_query(text: str) -> str:
+    """Each word of the user's text as a quoted prefix term: FTS5 ANDs them, and no input is a syntax error."""
+    return " ".join('"' + word.replace('"', '""') + '"*' for word in text.split())
+
+
+def _message_note(message: Message) -> str:
+    """The line under a turn in the Markdown export: how it ended and what it cost."""
+    notes = {"stopped": ["stopped before the end"], "error": ["failed"]}.get(message.status, [])
+    if message.completion_tokens is not None:
+        notes.append(f"{message.completion_tokens} tokens")
+    if message.seconds is not None:
+        notes.append(f"{message.seconds:.1f} s")
+    return " · ".join(notes)
+
+
+# --- image files ---
+
+def _read_image_source(source: str | os.PathLike[str] | bytes, name: str | None) -> tuple[bytes, str | None]:
+    if isinstance(source, bytes):
+        return source, name
+    path = Path(source)
+    try:
+        return path.read_bytes(), name or path.name
+    except FileNotFoundError:
+        raise HistoryError(f"{path}: no such file") from None
+    except OSError as error:
+        raise HistoryError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def _describe_image(data: bytes, name: str | None) -> tuple[str, str | None, tuple[int, int]]:
+    """Pillow's format name, MIME type and (width, height), read from the header."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format or "unknown", image.get_format_mimetype(), image.size
+    except (OSError, ValueError, Image.DecompressionBombError):   # UnidentifiedImageError is an OSError
+        raise HistoryError(f"{name or 'image'}: not an image Pillow can read") from None
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Write `target` so that it is either absent or whole, even if the process dies halfway."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=target.suffix)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if os.name == "posix":          # make the rename itself durable
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _find_image(sha: str, name: str | None, images_dir: str | os.PathLike[str] | None) -> bytes:
+    """Image `sha` from `images_dir`: by content address (another lva's store) or by its original name."""
+    if images_dir is not None:
+        folder = Path(images_dir)
+        candidates = [*folder.glob(f"{sha[:2]}/{sha}.*"), *([folder / name] if name else [])]
+        for candidate in candidates:
+            if candidate.is_file():
+                data = candidate.read_bytes()
+                if hashlib.sha256(data).hexdigest() == sha:
+                    return data
+    raise HistoryError(f"import: image {name or sha[:12]} is not embedded and not found "
+                       f"{'in ' + str(images_dir) if images_dir is not None else '(pass images_dir)'}")
+
+
+# --- import checking ---
+
+NULL = type(None)
+TYPE_NAMES = {str: "text", int: "an integer", float: "a number", dict: "an object", list: "a list", NULL: "null"}
+CONVERSATION_FIELDS: dict[str, tuple[type, ...]] = {
+    "title": (str, NULL), "created_at": (str, NULL), "updated_at": (str, NULL), "system_prompt": (str, NULL),
+    "model": (str, NULL), "sampling": (dict, NULL), "image": (str, NULL), "messages": (list,),
+    "images": (dict, NULL)}
+MESSAGE_FIELDS: dict[str, tuple[type, ...]] = {
+    "role": (str,), "text": (str,), "image": (str, NULL), "created_at": (str, NULL),
+    "prompt_tokens": (int, NULL), "completion_tokens": (int, NULL), "seconds": (int, float, NULL),
+    "model": (str, NULL), "sampling": (dict, NULL), "status": (str, NULL)}
+IMAGE_FIELDS: dict[str, tuple[type, ...]] = {"name": (str, NULL), "data": (str, NULL)}
+
+
+def _parse_export(data: Mapping[str, Any] | str | bytes) -> dict[str, Any]:
+    """Check an export against version 1 and normalise it; any problem is a HistoryError naming the field."""
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise HistoryError(f"import: not JSON ({error})") from None
+    if not isinstance(data, Mapping):
+        raise HistoryError("import: expected a JSON object")
+    if data.get("format") != EXPORT_FORMAT:
+        raise HistoryError(f"import: not an lva conversation (format {data.get('format')!r}, "
+                           f"expected {EXPORT_FORMAT!r})")
+    if data.get("version") != EXPORT_VERSION:
+        raise HistoryError(f"import: unsupported {EXPORT_FORMAT} version {data.get('version')!r} "
+                           f"(this lva reads version {EXPORT_VERSION})")
+    record = _checked_fields(data, "conversation", CONVERSATION_FIELDS)
+    record["created_at"] = _timestamp(record["created_at"], "created_at")
+    record["updated_at"] = _timestamp(record["updated_at"], "updated_at")
+    record["messages"] = [_parsed_message(message, f"messages[{index}]")
+                          for index, message in enumerate(record["messages"])]
+    record["images"] = {sha: _checked_fields(entry, f"images[{sha[:12]}]", IMAGE_FIELDS)
+                        for sha, entry in (record["images"] or {}).items()}
+    for sha in [record["image"], *(m["image"] for m in record["messages"]), *record["images"]]:
+        if sha is not None and not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise HistoryError(f"import: image id {sha[:70]!r} is not a sha256 hex digest")
+    return record
+
+
+def _parsed_message(message: Any, where: str) -> dict[str, Any]:
+    parsed = _checked_fields(message, where, MESSAGE_FIELDS)
+    parsed["status"] = parsed["status"] or "complete"
+    for what, choices in (("role", ROLES), ("status", STATUSES)):
+        if parsed[what] not in choices:
+            raise HistoryError(f"import: {where}.{what} must be one of {', '.join(choices)}, "
+                               f"not {parsed[what]!r}")
+    parsed["created_at"] = _timestamp(parsed["created_at"], f"{where}.created_at")
+    return parsed
+
+
+def _checked_fields(record: Any, where: str, spec: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+    """The fields of `spec` from `record`, each of one of its types (a missing key reads as null)."""
+    if not isinstance(record, Mapping):
+        raise HistoryError(f"import: {where} should be an object, not {_type_name(record)}")
+    checked = {}
+    for key, kinds in spec.items():
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, kinds):     # bool is an int to Python
+            expected = " or ".join(TYPE_NAMES[kind] for kind in kinds)
+            raise HistoryError(f"import: {where}.{key} should be {expected}, not {_type_name(value)}")
+        checked[key] = value
+    return checked
+
+
+def _type_name(value: Any) -> str:
+    return "true/false" if isinstance(value, bool) else TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _timestamp(value: str | None, where: str) -> str:
+    """An ISO 8601 time as we store it (UTC, microseconds); none given means now, no zone means UTC."""
+    if value is None:
+        return _now()
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise HistoryError(f"import: {where} is not an ISO 8601 time: {value[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
