@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
                           "dropped_turns": reply.dropped_turns}))
     else:
         sys.stdout.write("\n")
+    if args.verbose:
+        print(f"lva: vision encoder runs: {model.images_encoded}", file=sys.stderr)
     if reply.dropped_turns:
         print(f"lva: the {reply.dropped_turns} oldest turns were left out to fit the context", file=sys.stderr)
     model.close()

@@ -30,10 +30,11 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
 def load(args: argparse.Namespace):
     """The chosen model, loaded; progress on stderr with --verbose."""
     from assistant import load_model
+    from assistant.chat.feature_cache import FeatureCache
 
     text = store.resolve_model(args.model)
     progress = _report if args.verbose else None
-    return load_model(text, n_ctx=args.ctx, n_threads=args.threads, progress=progress)
+    return load_model(text, n_ctx=args.ctx, n_threads=args.threads, progress=progress, feature_cache=FeatureCache())
 
 
 def _report(stage: str, fraction: float) -> None:

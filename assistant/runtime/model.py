@@ -11,7 +11,7 @@ import ctypes
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import llama_cpp
 import numpy as np
@@ -23,7 +23,7 @@ from models.gguf_tensors import GGUFError, GGUFTensors
 from models.mllama import gguf_keys as K
 from models.mllama.cross_attention import Gates
 from models.mllama.hparams import MllamaHParams
-from models.mllama.vision import Image, ImageKV, VisionTower, encode
+from models.mllama.vision import Image, ImageKV, VisionTower, encode, new_image_kv
 from models.mllama.weights import (CROSS_ATTENTION_GGUF_PREFIX, CrossAttentionLayer, ImageToken,
                                    cross_attention_prefixes)
 
@@ -31,6 +31,14 @@ Progress = Callable[[str, float], None]
 IMAGE_TOKEN = "<|image|>"
 IMAGE_CACHE_SIZE = 4
 KV_CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+
+
+class FeatureStore(Protocol):
+    """Where encoded images outlive the process (assistant.chat.feature_cache.FeatureCache)."""
+
+    def load(self, key: str) -> dict[str, np.ndarray] | None: ...
+
+    def store(self, key: str, arrays: dict[str, np.ndarray]) -> None: ...
 
 
 class ModelError(ValueError):
@@ -92,7 +100,7 @@ class MllamaModel:
 
     def __init__(self, text_path: Path, vision_path: Path | None, n_ctx: int = 4096, n_threads: int | None = None,
                  kv_cache_type: str = "f16", n_batch: int = 512, n_ubatch: int | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, feature_cache: FeatureStore | None = None) -> None:
         _quiet_llama_logs()
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
@@ -100,6 +108,7 @@ class MllamaModel:
         self.n_ubatch = min(self.n_batch, n_ubatch or n_batch)   # llama.cpp splits each call into these
         self.prompt_tokens_evaluated = 0            # by the last generate call: what the KV cache could not reuse
         self.images_encoded = 0                     # runs of the vision encoder (cache hits do not count)
+        self.feature_cache = feature_cache
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type]
         self.text_path = Path(text_path)
@@ -224,11 +233,26 @@ class MllamaModel:
             return key, self._images[key]
         v = vision.hp.vision
         pre = preprocess(picture, vision.hp.preprocessing, v.image_size, v.max_num_tiles, v.supported_aspect_ratios)
+        cached = self.feature_cache.load(key) if self.feature_cache else None
+        if cached is not None:
+            kv = new_image_kv(self.backend, vision.cross_layers, vision.hp, pre.num_tiles * v.num_patches,
+                              vision.kv_type)
+            try:
+                kv.load_arrays(cached)
+            except (KeyError, ValueError):                # an entry from another layout: encode instead
+                kv.close()
+                cached = None
+        if cached is not None:
+            self._images[key] = kv
+            self._evict_images()
+            return key, kv
         kv = encode(self.backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
                     Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
                     (lambda f: progress("encoding image", f)) if progress else None)
         self._images[key] = kv
         self.images_encoded += 1
+        if self.feature_cache:
+            self.feature_cache.store(key, kv.to_arrays())
         self._evict_images()
         return key, kv
 
@@ -456,9 +480,10 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 
 def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | None = None, n_ctx: int = 4096,
                n_threads: int | None = None, kv_cache_type: str = "f16", n_batch: int = 512,
-               n_ubatch: int | None = None, progress: Progress | None = None) -> MllamaModel:
+               n_ubatch: int | None = None, progress: Progress | None = None,
+               feature_cache: FeatureStore | None = None) -> MllamaModel:
     """Load a converted pair; the vision file is found beside the text file when not given."""
     text_path = Path(text_gguf)
     vision_path = Path(vision_gguf) if vision_gguf is not None else find_vision_file(text_path)
     return MllamaModel(text_path, vision_path, n_ctx=n_ctx, n_threads=n_threads, kv_cache_type=kv_cache_type,
-                       n_batch=n_batch, n_ubatch=n_ubatch, progress=progress)
+                       n_batch=n_batch, n_ubatch=n_ubatch, progress=progress, feature_cache=feature_cache)
