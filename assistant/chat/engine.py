@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from assistant.chat.template import ChatMessage, ChatTemplate, ChatTemplateError
+from assistant.chat.template import IMAGE_TOKEN, ChatMessage, ChatTemplate, ChatTemplateError
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -116,6 +116,8 @@ class ChatEngine:
             text = self.template.render(self._messages(conversation, turns, image_turn), **variables)
         except ChatTemplateError as exc:
             raise ChatError(str(exc)) from None
+        if image_turn is not None and IMAGE_TOKEN not in text:
+            raise ChatError("this model's chat template has no place for an image (is it a vision model?)")
         return self.model.tokenize(text)
 
     def prompt(self, conversation: Conversation) -> tuple[list[int], Path | None, int]:
