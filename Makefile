@@ -21,7 +21,8 @@ test: install
 
 bench: install
 	$(BIN)/python bench/convert_bench.py
-	$(BIN)/python bench/runtime_bench.py
+	$(BIN)/python bench/runtime_bench.py --work /tmp/lva-bench --reuse --write-docs
+	$(BIN)/python bench/chat_bench.py --work /tmp/lva-bench --reuse --write-docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
