@@ -173,6 +173,20 @@ class ImageKV:
         self.buffer = 0
         self.graph.close()
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Host copies, for the on-disk feature cache."""
+        arrays = {}
+        for index in self.keys:
+            for name, t in ((f"k.{index}", self.keys[index]), (f"v.{index}", self.values_t[index])):
+                dtype = np.float16 if ggml.struct(t).type == int(F16) else np.float32
+                arrays[name] = ggml.tensor_get(t, dtype)
+        return arrays
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for index in self.keys:
+            ggml.tensor_set(self.keys[index], arrays[f"k.{index}"])
+            ggml.tensor_set(self.values_t[index], arrays[f"v.{index}"])
+
 
 class StageInputs:
     """The image's inputs, made in a stage's graph on first use (a stage that needs no mask gets none)."""
@@ -221,7 +235,7 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
     hidden = work.new(F32, v.hidden_size, length, name="hidden")
     saved = [work.new(F32, v.hidden_size, length, name=f"intermediate.{k}") for k in range(len(saved_at))]
     work_buffer = backend.alloc(work)
-    kv = _new_image_kv(backend, cross_layers, hp, image.num_tiles * v.num_patches, kv_type)
+    kv = new_image_kv(backend, cross_layers, hp, image.num_tiles * v.num_patches, kv_type)
     stages: list[Callable[[Graph, StageInputs], Tensor]] = []
 
     def embeddings(g: Graph, x: StageInputs) -> Tensor:
@@ -270,7 +284,7 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
     return kv
 
 
-def _new_image_kv(backend: ggml.Backend, cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams,
+def new_image_kv(backend: ggml.Backend, cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams,
                   tokens: int, kv_type) -> ImageKV:
     t = hp.text
     g = Graph(2 * len(cross_layers) + 1)
