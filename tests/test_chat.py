@@ -145,3 +145,28 @@ def test_a_plain_text_gguf_chats_without_images(pair, tmp_path: Path) -> None:
             engine.send(conversation, "And this?", IMAGE)
     finally:
         model.close()
+
+
+def test_regenerate_and_edit_are_mirrored_in_the_history(model) -> None:
+    from assistant.chat import saved
+    from assistant.history import History
+
+    history = History()
+    engine = ChatEngine(model)
+    conversation = Conversation(sampling=GREEDY)
+    conversation_id = saved.start(history, conversation, "tiny-a", "test")
+    for text, image in (("Describe the image.", IMAGE), ("More?", None)):
+        pieces = engine.send(conversation, text, image, on_reply=(replies := []).append)
+        saved.save_user_turn(history, conversation_id, conversation.turns[-1])
+        "".join(saved.stream_answer(history, conversation_id, pieces, "tiny-a", GREEDY, replies))
+    assert len(history.messages(conversation_id)) == 4
+    saved.rewind(history, conversation_id, 3)                 # regenerate: the last answer goes
+    pieces = engine.regenerate(conversation, on_reply=(replies := []).append)
+    "".join(saved.stream_answer(history, conversation_id, pieces, "tiny-a", GREEDY, replies))
+    stored = history.messages(conversation_id)
+    assert [m.role for m in stored] == ["user", "assistant", "user", "assistant"]
+    assert stored[-1].text == conversation.turns[-1].text and stored[-1].status == "complete"
+    restored = saved.load(history, conversation_id)
+    assert [t.text for t in restored.turns] == [t.text for t in conversation.turns]
+    assert restored.turns[0].image is not None and restored.turns[0].image.is_file()
+    history.close()

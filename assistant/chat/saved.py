@@ -65,3 +65,11 @@ def stream_answer(history: History, conversation_id: int, pieces: Iterator[str],
                                completion_tokens=reply.completion_tokens, seconds=reply.seconds,
                                prompt_tokens=reply.prompt_tokens)
 
+
+
+def rewind(history: History, conversation_id: int, turns_kept: int) -> None:
+    """Forget the stored turns from `turns_kept` on (before a regenerate or an edit stores its new ones).
+
+    Turn i of the engine is message position i: the system prompt lives on the conversation, not as a message.
+    """
+    history.delete_messages_after(conversation_id, turns_kept - 1)
