@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list the converted models in the store")
 
-    from assistant.commands import ask, batch, history
+    from assistant.commands import ask, batch, chat, history
 
-    for command in (ask, batch, history):
+    for command in (ask, batch, history, chat):
         command.add_parser(commands)
     return parser
 
@@ -86,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            parser.print_help()                    # a full-screen app needs a terminal; a pipe gets the commands
+            return 0
+        from assistant.commands import chat        # plain `lva` in a terminal opens the chat app
+
+        args.run = chat.run
     try:
         return COMMANDS[args.command](args) if args.command in COMMANDS else args.run(args)
     except KeyboardInterrupt:

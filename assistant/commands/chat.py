@@ -1,0 +1,26 @@
+"""`lva chat` (and plain `lva`): the terminal app."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("chat", help="chat about an image in the terminal app (the default)",
+                                 description="Open the terminal app: drop in an image and chat about it; "
+                                             "conversations are kept.")
+    parser.add_argument("--model", help="model name in the store or path to a text GGUF "
+                                        "(default: the only model in the store)")
+    parser.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from assistant import store
+    from assistant.tui.app import LvaApp
+
+    model = getattr(args, "model", None)
+    path: Path | None = store.resolve_model(model) if model else None
+    LvaApp(model_path=path, n_ctx=getattr(args, "ctx", 4096)).run()
+    return 0

@@ -1,0 +1,169 @@
+"""`LvaApp`: chat with Llama 3.2 Vision about one image, offline, with the conversations kept.
+
+The app owns what lives as long as it does: the history, the loaded model and its chat engine, and the
+settings for new conversations. The model loads in a worker; `ChatScreen` does the chatting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from assistant import store
+from assistant.chat.engine import ChatEngine, ChatError
+from assistant.history import History
+from assistant.tui.screens.chat import ChatScreen
+from assistant.tui.screens.first_run import FirstRunScreen
+from assistant.tui.screens.help import HelpScreen
+from assistant.tui.screens.models import ModelsScreen
+from assistant.tui.screens.settings import Settings, SettingsScreen
+
+
+class LvaApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "lva"
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        Binding("question_mark", "help", "Help", show=False),
+        Binding("f3", "models", "Models"),
+        Binding("f5", "settings", "Settings"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(self, model_path: Path | None = None, n_ctx: int = 4096) -> None:
+        """`model_path`: a text GGUF; None chooses the only installed model (or asks, when there are several)."""
+        super().__init__()
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.history = History()
+        self.settings = Settings()
+        self.model = None
+        self.engine: ChatEngine | None = None
+
+    @property
+    def model_label(self) -> str:
+        return f"loading {self.model_path.name}…" if self.model_path else "no model"
+
+    def on_mount(self) -> None:
+        installed = [m for m in store.installed_models() if m.text is not None]
+        if self.model_path is None and not installed:
+            self.push_screen(FirstRunScreen())
+            return
+        self.start_chat()
+
+    def start_chat(self) -> None:
+        installed = [m for m in store.installed_models() if m.text is not None]
+        if isinstance(self.screen, FirstRunScreen):
+            self.switch_screen(ChatScreen())
+        else:
+            self.push_screen(ChatScreen())
+        if self.model_path is None and len(installed) == 1:
+            self.model_path = installed[0].text
+        if self.model_path is not None:
+            self.load(self.model_path)
+        else:
+            self.action_models()
+
+    @property
+    def chat(self) -> ChatScreen | None:
+        found = [s for s in self.screen_stack if isinstance(s, ChatScreen)]
+        return found[0] if found else None
+
+    # ------------------------------------------------------------------------------------------ the model
+
+    @work(thread=True, exclusive=True, group="model")
+    def load(self, text_path: Path) -> None:
+        """Load a model with a progress bar; the previous one is closed once the new one is ready."""
+        from assistant import load_model
+        from assistant.chat.feature_cache import FeatureCache
+        from assistant.runtime import ModelError
+
+        def progress(stage: str, fraction: float) -> None:
+            if self.chat is not None:
+                self.call_from_thread(self.chat.show_progress, f"loading {stage}", min(fraction, 0.999))
+
+        try:
+            model = load_model(text_path, n_ctx=self.n_ctx, progress=progress, feature_cache=FeatureCache())
+            engine = ChatEngine(model)
+        except (ModelError, ChatError, OSError) as error:
+            self.call_from_thread(self.notify, str(error), title="Cannot load the model", severity="error")
+            return
+        finally:
+            if self.chat is not None:
+                self.call_from_thread(self.chat.show_progress, "", 1.0)
+        self.call_from_thread(self._model_loaded, text_path, model, engine)
+
+    def _model_loaded(self, text_path: Path, model, engine: ChatEngine) -> None:
+        old, self.model, self.engine, self.model_path = self.model, model, engine, text_path
+        if old is not None:
+            old.close()
+        if self.chat is not None:
+            self.chat.update_status()
+
+    def on_unmount(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        self.workers.cancel_all()
+        if self.model is not None:
+            self.model.close()
+        self.history.close()
+
+    # ------------------------------------------------------------------------------------------ actions
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]
+        if self.chat is not None:
+            bindings = ChatScreen.BINDINGS + bindings
+        self.push_screen(HelpScreen([b for b in bindings if isinstance(b, Binding)]))
+
+    def action_models(self) -> None:
+        if self.chat is None or isinstance(self.screen, ModelsScreen):
+            return
+
+        def chosen(path: Path | None) -> None:
+            if path is None or path == (self.model_path if self.model else None):
+                return
+            if self.chat is not None and self.chat.generating:
+                self.notify("Stop the answer before switching models", severity="warning")
+                return
+            self.model_path = path
+            self.load(path)
+
+        self.push_screen(ModelsScreen(self.model_path), chosen)
+
+    def action_settings(self) -> None:
+        chat = self.chat
+        if chat is None or isinstance(self.screen, SettingsScreen):
+            return
+        current = Settings(chat.conversation.system_prompt, chat.conversation.sampling)
+
+        def saved(settings: Settings | None) -> None:
+            if settings is not None:
+                self.settings = settings
+                chat.conversation.system_prompt = settings.system_prompt
+                chat.conversation.sampling = settings.sampling
+                self.notify("Settings saved")
+
+        self.push_screen(SettingsScreen(current), saved)
+
+    def get_system_commands(self, screen: Screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help: every key", "List every key (F1)", self.action_help)
+        yield SystemCommand("Settings", "System prompt, temperature, top-p, max tokens, seed (F5)",
+                            self.action_settings)
+        yield SystemCommand("Models", "Installed models; switch (F3)", self.action_models)
+        if isinstance(screen, ChatScreen):
+            yield SystemCommand("New conversation", "Start a new conversation (Ctrl+N)",
+                                screen.action_new_conversation)
+            yield SystemCommand("Attach image", "Choose an image file (Ctrl+O)", screen.action_open_image)
+            yield SystemCommand("Remove image", "Drop the image waiting to be sent (F4)", screen.action_remove_image)
+            yield SystemCommand("Search conversations", "Search titles and messages (Ctrl+F)", screen.action_search)
+            yield SystemCommand("Rename conversation", "Give the conversation a title (F2)", screen.action_rename)
+            yield SystemCommand("Delete conversation", "Delete the conversation (F8)", screen.action_delete)
+            yield SystemCommand("Stop answer", "Stop the answer, keeping what was written (Esc)", screen.action_stop)

@@ -1,0 +1,311 @@
+"""The main screen: the sidebar of conversations, the chat, the attachment, the input box and the status bar."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.widgets import Footer, Label, ProgressBar
+
+from assistant.chat import saved
+from assistant.chat.engine import ChatError, Conversation, Reply
+from assistant.images import ImageError, load_image
+from assistant.tui.widgets.attachment_bar import AttachmentBar, describe_image
+from assistant.tui.widgets.chat_log import AssistantMessage, ChatLog
+from assistant.tui.widgets.conversation_list import ConversationList
+from assistant.tui.widgets.prompt_input import PromptInput
+from assistant.tui.widgets.status_bar import StatusBar
+
+STREAM_EVERY_SECONDS = 0.05       # how often the worker hands the growing answer to the UI
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop answer", priority=True),
+        Binding("ctrl+n", "new_conversation", "New chat", priority=True),
+        Binding("ctrl+o", "open_image", "Attach image", priority=True),
+        Binding("f4", "remove_image", "Remove image"),
+        Binding("ctrl+f", "search", "Search", priority=True),
+        Binding("f2", "rename", "Rename"),
+        Binding("f8", "delete", "Delete chat"),
+        Binding("ctrl+l", "focus_input", "Input", show=False, priority=True),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conversation = Conversation(system_prompt=None)
+        self.conversation_id: int | None = None
+        self.attachment: Path | None = None
+        self.generating = False
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            yield ConversationList(self.app.history, id="sidebar")
+            with Vertical(id="chat"):
+                with Horizontal(id="progress"):
+                    yield Label("", id="progress-label")
+                    yield ProgressBar(total=1.0, show_eta=False, id="progress-bar")
+                yield ChatLog(id="chat-log")
+                yield AttachmentBar(id="attachment")
+                yield PromptInput(id="prompt")
+        yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(PromptInput).focus()
+        last = self.app.history.last_conversation()
+        if last is not None:
+            self.open_conversation(last.id)
+        else:
+            self.new_conversation()
+
+    # ------------------------------------------------------------------------------------------ conversations
+
+    @property
+    def sidebar(self) -> ConversationList:
+        return self.query_one(ConversationList)
+
+    def new_conversation(self) -> None:
+        settings = self.app.settings
+        self.conversation = Conversation(system_prompt=settings.system_prompt, sampling=settings.sampling)
+        self.conversation_id = None
+        self.sidebar.current = None
+        self.query_one(ChatLog).clear()
+        self.set_attachment(None)
+        self.update_status()
+
+    def open_conversation(self, conversation_id: int) -> None:
+        """Show a kept conversation; its last image is what the next message is about."""
+        if self.generating:
+            self.notify("Wait for the answer, or stop it with Esc", severity="warning")
+            return
+        self.conversation = saved.load(self.app.history, conversation_id)
+        self.conversation_id = conversation_id
+        self.sidebar.current = conversation_id
+        log = self.query_one(ChatLog)
+        log.clear()
+        for turn in self.conversation.turns:
+            if turn.role == "user":
+                log.add_user(turn.text, turn.image if turn.image and turn.image.is_file() else None)
+            else:
+                log.add_assistant(turn.text).finish(turn.status)
+        self.set_attachment(None)
+        self.sidebar.refresh_list()
+        self.update_status()
+
+    @on(ConversationList.Selected)
+    def conversation_selected(self, event: ConversationList.Selected) -> None:
+        self.open_conversation(event.conversation_id)
+        self.query_one(PromptInput).focus()
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        self.app.history.rename(conversation_id, title.strip() or None)
+        self.sidebar.refresh_list()
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        if self.generating and conversation_id == self.conversation_id:
+            self.notify("Stop the answer before deleting its conversation", severity="warning")
+            return
+        self.app.history.delete(conversation_id)
+        if conversation_id == self.conversation_id:
+            self.new_conversation()
+        self.sidebar.refresh_list()
+        self.notify("Conversation deleted")
+
+    def _target_conversation(self) -> int | None:
+        """The sidebar's highlighted conversation when the sidebar has focus, else the open one."""
+        if self.focused is not None and self.sidebar in self.focused.ancestors_with_self:
+            return self.sidebar.highlighted_id() or self.conversation_id
+        return self.conversation_id
+
+    # ------------------------------------------------------------------------------------------ the image
+
+    def attach(self, path: Path) -> bool:
+        """Check and show an image for the next message; a bad one is a notification."""
+        try:
+            picture = load_image(path)
+        except ImageError as error:
+            self.notify(str(error), title="Cannot attach", severity="error")
+            return False
+        except OSError as error:
+            self.notify(f"{path}: {error.strerror or error}", title="Cannot attach", severity="error")
+            return False
+        self.set_attachment(path, describe_image(path, *picture.size))
+        return True
+
+    def set_attachment(self, path: Path | None, description: str = "") -> None:
+        self.attachment = path
+        self.query_one(AttachmentBar).attach(path, description)
+
+    @on(PromptInput.ImagePasted)
+    def image_pasted(self, event: PromptInput.ImagePasted) -> None:
+        self.attach(event.path)
+
+    @on(AttachmentBar.Removed)
+    def attachment_removed(self) -> None:
+        self.action_remove_image()
+
+    # ------------------------------------------------------------------------------------------ sending
+
+    @on(PromptInput.Submitted)
+    def prompt_submitted(self, event: PromptInput.Submitted) -> None:
+        prompt = self.query_one(PromptInput)
+        text = event.text.strip()
+        if text.startswith("/image"):
+            prompt.clear()
+            if self.attach(Path(text.removeprefix("/image").strip().strip("'\"")).expanduser()):
+                prompt.focus()
+            return
+        if not text:
+            return
+        if self.generating:
+            self.notify("Still answering; Esc stops it", severity="warning")
+            return
+        if self.app.engine is None:
+            self.notify("The model is not loaded yet", severity="warning")
+            return
+        prompt.clear()
+        image, self.attachment = self.attachment, None
+        self.query_one(AttachmentBar).attach(None)
+        log = self.query_one(ChatLog)
+        log.add_user(text, image)
+        self.generating = True
+        self.generate(text, image, log.add_assistant(status="stopped"))
+
+    @work(thread=True, exclusive=True, group="generation")
+    def generate(self, text: str, image: Path | None, message: AssistantMessage) -> None:
+        """Encode the image (with a progress bar), then stream the answer into `message`; Esc stops it."""
+        app, history, engine, model = self.app, self.app.history, self.app.engine, self.app.model
+        status = "error"
+        try:
+            if image is not None and model.vision is not None:
+                model.encode_image(image, progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
+                app.call_from_thread(self.show_progress, "encoding image", 1.0)
+            replies: list[Reply] = []
+            pieces = engine.send(self.conversation, text, image, on_reply=replies.append)
+            model_name = model.text_path.name
+            if self.conversation_id is None:
+                title = text or (image.name if image else "New conversation")
+                self.conversation_id = saved.start(history, self.conversation, model_name, title)
+                app.call_from_thread(self._conversation_started)
+            saved.save_user_turn(history, self.conversation_id, self.conversation.turns[-1])
+            answer, shown_at = "", 0.0
+            for piece in saved.stream_answer(history, self.conversation_id, pieces, model_name,
+                                             self.conversation.sampling, replies):
+                answer += piece
+                if time.monotonic() - shown_at > STREAM_EVERY_SECONDS:
+                    app.call_from_thread(message.show, answer)
+                    shown_at = time.monotonic()
+            app.call_from_thread(message.show, answer, True)
+            reply = replies[-1]
+            status = reply.status
+            app.call_from_thread(self.update_status, reply)
+        except (ChatError, ImageError, OSError) as error:
+            app.call_from_thread(self.notify, str(error), title="Cannot answer", severity="error")
+            if self.conversation.turns and self.conversation.turns[-1].role == "user":
+                self.conversation.turns.pop()
+        finally:
+            app.call_from_thread(self._generation_done, message, status)
+
+    def _conversation_started(self) -> None:
+        self.sidebar.current = self.conversation_id
+        self.sidebar.refresh_list()
+
+    def _generation_done(self, message: AssistantMessage, status: str) -> None:
+        self.generating = False
+        self.show_progress("", 1.0)
+        if status == "error":
+            message.remove()
+        else:
+            message.finish(status)
+        self.sidebar.refresh_list()
+
+    # ------------------------------------------------------------------------------------------ progress, status
+
+    def show_progress(self, stage: str, fraction: float) -> None:
+        """A progress bar for long work (model loading, image encoding); hidden when it is done."""
+        try:
+            progress = self.query_one("#progress")
+        except NoMatches:
+            return                      # the model started loading before this screen was composed
+        progress.set_class(fraction < 1.0, "-busy")
+        self.query_one("#progress-label", Label).update(stage)
+        self.query_one("#progress-bar", ProgressBar).update(progress=fraction)
+
+    def update_status(self, reply: Reply | None = None) -> None:
+        status = self.query_one(StatusBar)
+        model = self.app.model
+        if model is None:
+            status.model_name = self.app.model_label
+            return
+        status.model_name = model.text_path.name
+        status.context_size = model.n_ctx
+        status.backend = "CPU" if model.backend.is_cpu else model.backend.name
+        if reply is not None:
+            status.context_used = reply.prompt_tokens + reply.completion_tokens
+            status.tokens_per_second = reply.completion_tokens / reply.seconds if reply.seconds else 0.0
+        elif not self.conversation.turns:
+            status.context_used = 0
+
+    # ------------------------------------------------------------------------------------------ actions
+
+    def action_stop(self) -> None:
+        if self.generating and self.app.engine is not None:
+            self.app.engine.stop()
+        elif self.focused is not self.query_one(PromptInput):
+            self.query_one(PromptInput).focus()
+
+    def action_new_conversation(self) -> None:
+        if self.generating:
+            self.notify("Wait for the answer, or stop it with Esc", severity="warning")
+            return
+        self.new_conversation()
+        self.query_one(PromptInput).focus()
+
+    def action_open_image(self) -> None:
+        from assistant.tui.screens.open_image import OpenImageScreen
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.attach(path)
+
+        self.app.push_screen(OpenImageScreen(), chosen)
+
+    def action_remove_image(self) -> None:
+        if self.attachment is not None:
+            self.set_attachment(None)
+            self.notify("Image removed")
+
+    def action_search(self) -> None:
+        self.sidebar.focus_search()
+
+    def action_focus_input(self) -> None:
+        self.query_one(PromptInput).focus()
+
+    def action_rename(self) -> None:
+        from assistant.tui.screens.rename import RenameScreen
+
+        target = self._target_conversation()
+        if target is None:
+            self.notify("Nothing to rename yet: send a message first", severity="warning")
+            return
+        title = self.app.history.conversation(target).title or ""
+
+        def renamed(new_title: str | None) -> None:
+            if new_title is not None:
+                self.rename_conversation(target, new_title)
+
+        self.app.push_screen(RenameScreen(title), renamed)
+
+    def action_delete(self) -> None:
+        target = self._target_conversation()
+        if target is None:
+            self.notify("Nothing to delete", severity="warning")
+            return
+        self.delete_conversation(target)

@@ -1,0 +1,39 @@
+"""Shown when no model is installed: how to get one."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Center, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Markdown
+
+from assistant import store
+
+HOW_TO = """\
+# No model yet
+
+lva runs Llama 3.2 Vision on your machine, offline. Convert a model once (it downloads the
+checkpoint from Hugging Face; you need to have accepted Meta's licence there):
+
+```
+lva convert meta-llama/Llama-3.2-11B-Vision-Instruct
+```
+
+It goes into `{models}`. Then press **r** to look again, or **q** to quit.
+"""
+
+
+class FirstRunScreen(Screen):
+    BINDINGS = [Binding("r", "recheck", "Look again"), Binding("q", "app.quit", "Quit")]
+
+    def compose(self) -> ComposeResult:
+        with Center(), Vertical(id="first-run"):
+            yield Markdown(HOW_TO.format(models=store.models_dir()))
+        yield Footer()
+
+    def action_recheck(self) -> None:
+        if any(m.text for m in store.installed_models()):
+            self.app.start_chat()
+        else:
+            self.notify("Still no model in " + str(store.models_dir()), severity="warning")

@@ -1,0 +1,335 @@
+"""The terminal app, driven by Textual's Pilot against the real tiny model (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+from textual import events
+from textual.widgets import OptionList
+
+from assistant import store
+from assistant.history import History
+from assistant.tui.app import LvaApp
+from assistant.tui.screens.chat import ChatScreen
+from assistant.tui.screens.first_run import FirstRunScreen
+from assistant.tui.screens.rename import RenameScreen
+from assistant.tui.widgets.attachment_bar import AttachmentBar
+from assistant.tui.widgets.chat_log import AssistantMessage, UserMessage
+from assistant.tui.widgets.conversation_list import ConversationList
+from assistant.tui.widgets.prompt_input import PromptInput, image_path_from_paste
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IMAGE = FIXTURES / "images" / "rgb_80x26.png"
+SIZE = (120, 40)
+
+
+def install_tiny_model() -> None:
+    from convert.pipeline import convert
+
+    convert(str(FIXTURES / "mllama" / "tiny-a" / "checkpoint"), store.models_dir(), quant="F32", name="tiny-a",
+            progress=False)
+
+
+async def until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+async def ready(pilot) -> ChatScreen:
+    await until(lambda: pilot.app.engine is not None and isinstance(pilot.app.screen, ChatScreen))
+    await pilot.pause()
+    return pilot.app.screen
+
+
+async def send(pilot, text: str) -> None:
+    screen = pilot.app.screen
+    screen.query_one(PromptInput).text = text
+    screen.query_one(PromptInput).focus()
+    await pilot.press("enter")
+    await until(lambda: not screen.generating)
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def paste(pilot, text: str) -> None:
+    pilot.app.screen.query_one(PromptInput).post_message(events.Paste(text))
+    await pilot.pause()
+
+
+def run(scenario) -> None:
+    asyncio.run(scenario())
+
+
+def test_a_sent_message_streams_a_reply_that_is_kept():
+    install_tiny_model()
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            await send(pilot, "hello there")
+            assert [m.text for m in screen.query(UserMessage)] == ["hello there"]
+            assert len(screen.query(AssistantMessage)) == 1
+            assert screen.query_one(PromptInput).text == ""
+            messages = app.history.messages(screen.conversation_id)
+            assert [m.role for m in messages] == ["user", "assistant"]
+            assert messages[1].status in ("complete", "stopped")
+            assert "context" in str(screen.query_one("#status").render())
+
+    run(scenario)
+
+
+def test_up_recalls_the_last_prompt_and_ctrl_j_adds_a_line():
+    install_tiny_model()
+
+    async def scenario():
+        async with LvaApp().run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            await send(pilot, "first question")
+            prompt = screen.query_one(PromptInput)
+            await pilot.press("up")
+            assert prompt.text == "first question"
+            prompt.text = "a"
+            prompt.move_cursor((0, 1))
+            await pilot.press("ctrl+j", "b")
+            assert prompt.text == "a\nb"
+
+    run(scenario)
+
+
+def test_pasted_paths_attach_the_image_plain_quoted_with_spaces_and_as_file_uri(tmp_path):
+    install_tiny_model()
+    spaced = tmp_path / "my photos" / "a cat.png"
+    spaced.parent.mkdir()
+    shutil.copy(IMAGE, spaced)
+
+    async def scenario():
+        async with LvaApp().run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            for pasted in (str(IMAGE), f"'{spaced}'", f'"{spaced}"', str(spaced).replace(" ", "\\ "),
+                           spaced.as_uri()):
+                await paste(pilot, pasted)
+                assert screen.attachment == Path(str(spaced) if "cat" in pasted or "%20" in pasted else IMAGE)
+                assert screen.query_one(AttachmentBar).has_class("-attached")
+                assert screen.query_one(PromptInput).text == ""
+            await pilot.press("f4")
+            assert screen.attachment is None
+            await paste(pilot, str(spaced))
+            await send(pilot, "what is this?")
+            user = screen.query_one(UserMessage)
+            assert user.image is not None and screen.attachment is None
+            stored = app_messages(pilot.app, screen.conversation_id)
+            assert stored[0].image_id is not None
+
+    run(scenario)
+
+
+def app_messages(app, conversation_id):
+    return app.history.messages(conversation_id)
+
+
+def test_ordinary_pasted_text_is_inserted():
+    assert image_path_from_paste("hello world") is None
+    assert image_path_from_paste("line one\nline two") is None
+    assert image_path_from_paste("file:///tmp/a%20b.png") == Path("/tmp/a b.png")
+
+
+def test_a_bad_image_path_is_a_notification_and_the_app_stays_alive(tmp_path):
+    install_tiny_model()
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            await paste(pilot, str(tmp_path / "missing.png"))
+            await paste(pilot, str(not_an_image))
+            screen.query_one(PromptInput).text = f"/image {tmp_path / 'nope.jpg'}"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert len(app._notifications) == 3
+            assert all(n.severity == "error" for n in app._notifications)
+            assert screen.attachment is None
+            await send(pilot, "still here?")
+            assert len(screen.query(AssistantMessage)) == 1
+
+    run(scenario)
+
+
+def test_esc_stops_an_answer_and_keeps_it_marked_stopped():
+    install_tiny_model()
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=3500)
+            await paste(pilot, str(IMAGE))
+            screen.query_one(PromptInput).text = "describe it at length"
+            await pilot.press("enter")
+            await until(lambda: screen.query(AssistantMessage) and screen.query_one(AssistantMessage).text)
+            await pilot.press("escape")
+            await until(lambda: not screen.generating)
+            await app.workers.wait_for_complete()
+            answer = app.history.messages(screen.conversation_id)[-1]
+            assert answer.role == "assistant" and answer.status == "stopped"
+            assert answer.text == screen.conversation.turns[-1].text != ""
+            assert screen.query_one(AssistantMessage).has_class("-stopped")
+
+    run(scenario)
+
+
+def test_conversations_switch_rename_delete_and_search():
+    install_tiny_model()
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            await send(pilot, "about apples")
+            first = screen.conversation_id
+            await pilot.press("ctrl+n")
+            await send(pilot, "about bananas")
+            second = screen.conversation_id
+            sidebar = screen.query_one(ConversationList)
+            assert sidebar.conversation_ids == [second, first]
+
+            sidebar.query_one(OptionList).focus()
+            sidebar.query_one(OptionList).highlighted = 1
+            await pilot.press("enter")
+            assert screen.conversation_id == first
+            assert [m.text for m in screen.query(UserMessage)] == ["about apples"]
+
+            await pilot.press("f2")
+            assert isinstance(app.screen, RenameScreen)
+            app.screen.query_one("Input").value = "Fruit talk"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.history.conversation(first).title == "Fruit talk"
+
+            await pilot.press("ctrl+f")
+            await pilot.press(*"bananas")
+            await pilot.pause()
+            assert sidebar.conversation_ids == [second]
+            sidebar.query_one("Input").value = ""
+            await pilot.pause()
+
+            screen.query_one(PromptInput).focus()
+            await pilot.press("f8")
+            await pilot.pause()
+            assert [c.id for c in app.history.list_conversations()] == [second]
+            assert sidebar.conversation_ids == [second]
+            assert screen.conversation_id is None and not screen.query(UserMessage)
+            assert app.screen is screen
+
+    run(scenario)
+
+
+def test_reopening_the_app_restores_the_last_conversation_with_its_image():
+    install_tiny_model()
+
+    async def first_run():
+        async with LvaApp().run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            await paste(pilot, str(IMAGE))
+            await send(pilot, "remember this picture")
+
+    async def second_run():
+        async with LvaApp().run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            (user,) = screen.query(UserMessage)
+            assert user.text == "remember this picture"
+            assert user.image is not None and user.image.is_file()
+            assert screen.conversation.turns[0].image == user.image
+            await send(pilot, "and now?")
+            assert History().messages(screen.conversation_id)[2].text == "and now?"
+
+    asyncio.run(first_run())
+    asyncio.run(second_run())
+
+
+def test_without_a_model_the_first_run_screen_says_how_to_get_one():
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert isinstance(app.screen, FirstRunScreen)
+            text = app.screen.query_one("Markdown").source
+            assert "lva convert meta-llama/Llama-3.2-11B-Vision-Instruct" in text
+            install_tiny_model()
+            await pilot.press("r")
+            await ready(pilot)
+
+    run(scenario)
+
+
+def test_help_lists_every_key_and_the_palette_has_the_actions():
+    install_tiny_model()
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            await pilot.press("f1")
+            table = app.screen.query_one("DataTable")
+            keys = {str(table.get_row_at(i)[0]) for i in range(table.row_count)}
+            assert {"escape", "ctrl+n", "ctrl+o", "f2", "f8", "f3", "f5", "enter"} <= keys
+            await pilot.press("escape")
+            titles = {c.title for c in app.get_system_commands(screen)}
+            assert {"New conversation", "Attach image", "Rename conversation", "Settings", "Models"} <= titles
+
+    run(scenario)
+
+
+def test_settings_apply_to_the_open_conversation():
+    install_tiny_model()
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            await pilot.press("f5")
+            settings = app.screen
+            settings.query_one("#temperature").value = "0"
+            settings.query_one("#max_tokens").value = "16"
+            settings.query_one("#seed").value = "7"
+            settings.query_one("#system-prompt").text = "Be brief."
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert app.screen is screen
+            sampling = screen.conversation.sampling
+            assert (sampling.temperature, sampling.max_tokens, sampling.seed) == (0.0, 16, 7)
+            assert screen.conversation.system_prompt == "Be brief."
+            await send(pilot, "hi")
+            assert app.history.conversation(screen.conversation_id).system_prompt == "Be brief."
+
+    run(scenario)
+
+
+def test_the_models_screen_lists_installed_models_and_switches():
+    install_tiny_model()
+    from convert.pipeline import convert
+
+    async def scenario():
+        app = LvaApp(model_path=store.resolve_model("tiny-a"))
+        convert(str(FIXTURES / "mllama" / "tiny-a" / "checkpoint"), store.models_dir(), quant="F32", name="tiny-b",
+                progress=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            first_model = app.model
+            await pilot.press("f3")
+            options = app.screen.query_one(OptionList)
+            assert options.option_count == 2
+            options.focus()
+            options.highlighted = 1
+            await pilot.press("enter")
+            await until(lambda: app.model is not first_model)
+            assert app.model_path.name == "tiny-b-text-F32.gguf"
+
+    run(scenario)
