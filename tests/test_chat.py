@@ -170,3 +170,17 @@ def test_regenerate_and_edit_are_mirrored_in_the_history(model) -> None:
     assert [t.text for t in restored.turns] == [t.text for t in conversation.turns]
     assert restored.turns[0].image is not None and restored.turns[0].image.is_file()
     history.close()
+
+
+def test_settings_changed_mid_conversation_are_kept_with_it() -> None:
+    from assistant.chat import saved
+    from assistant.history import History
+
+    history = History()
+    conversation = Conversation(sampling=GREEDY)
+    conversation_id = saved.start(history, conversation, "tiny-a", "settings")
+    conversation.system_prompt, conversation.sampling = "Be terse.", Sampling(temperature=0.3, seed=9)
+    saved.save_settings(history, conversation_id, conversation)
+    restored = saved.load(history, conversation_id)
+    assert restored.system_prompt == "Be terse." and restored.sampling == conversation.sampling
+    history.close()

@@ -33,7 +33,8 @@ def install_tiny_model() -> None:
             progress=False)
 
 
-async def until(condition, seconds: float = 10.0) -> None:
+async def until(condition, seconds: float = 60.0) -> None:
+    """Wait for the app (model loading, workers); generous, since a loaded CI machine is slow, not wrong."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"

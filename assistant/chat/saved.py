@@ -73,3 +73,8 @@ def rewind(history: History, conversation_id: int, turns_kept: int) -> None:
     Turn i of the engine is message position i: the system prompt lives on the conversation, not as a message.
     """
     history.delete_messages_after(conversation_id, turns_kept - 1)
+
+
+def save_settings(history: History, conversation_id: int, conversation: Conversation) -> None:
+    """Settings changed mid-conversation stay with it when it is reopened."""
+    history.set_settings(conversation_id, conversation.system_prompt, asdict(conversation.sampling))

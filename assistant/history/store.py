@@ -168,6 +168,15 @@ class History:
             db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
             return _conversation_in(db, conversation_id)
 
+    def set_settings(self, conversation_id: int, system_prompt: str | None, sampling: Mapping[str, Any] | None
+                     ) -> Conversation:
+        """The conversation's system prompt and sampling, as its next turns will use them."""
+        with self._write() as db:
+            _conversation_in(db, conversation_id)
+            db.execute("UPDATE conversations SET system_prompt = ?, sampling = ? WHERE id = ?",
+                       (system_prompt, _json(sampling), conversation_id))
+            return _conversation_in(db, conversation_id)
+
     def set_conversation_image(self, conversation_id: int, image_id: str | None) -> Conversation:
         with self._write() as db:
             _conversation_in(db, conversation_id)

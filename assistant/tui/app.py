@@ -14,6 +14,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from assistant import store
+from assistant.chat import saved
 from assistant.chat.engine import ChatEngine, ChatError
 from assistant.history import History
 from assistant.tui.screens.chat import ChatScreen
@@ -143,14 +144,16 @@ class LvaApp(App):
             return
         current = Settings(chat.conversation.system_prompt, chat.conversation.sampling)
 
-        def saved(settings: Settings | None) -> None:
+        def apply(settings: Settings | None) -> None:
             if settings is not None:
                 self.settings = settings
                 chat.conversation.system_prompt = settings.system_prompt
                 chat.conversation.sampling = settings.sampling
+                if chat.conversation_id is not None:
+                    saved.save_settings(self.history, chat.conversation_id, chat.conversation)
                 self.notify("Settings saved")
 
-        self.push_screen(SettingsScreen(current), saved)
+        self.push_screen(SettingsScreen(current), apply)
 
     def get_system_commands(self, screen: Screen):
         yield from super().get_system_commands(screen)
