@@ -9,7 +9,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label
 
 INPUT_KEYS = [("enter", "Send the message"), ("shift+enter, ctrl+j", "New line"),
-              ("up", "Recall the last message (at the start of the box)"),
+              ("up", "Recall the last message (cursor at the start)"),
               ("paste / drop a file", "Attach the image at that path"),
               ("/image PATH", "Attach an image (typed in the box)"),
               ("r (first run)", "Look for an installed model again")]

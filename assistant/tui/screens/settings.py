@@ -36,8 +36,9 @@ class SettingsScreen(ModalScreen[Settings | None]):
                                        ("top_p", "Top-p", sampling.top_p),
                                        ("max_tokens", "Max tokens", sampling.max_tokens),
                                        ("seed", "Seed (empty: random)", sampling.seed)):
-                yield Label(label)
-                yield Input("" if value is None else str(value), id=name)
+                with Horizontal(classes="setting"):
+                    yield Label(label)
+                    yield Input("" if value is None else str(value), id=name)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save (Ctrl+S)", variant="primary", id="save")
                 yield Button("Cancel (Esc)", id="cancel")
