@@ -32,6 +32,7 @@ HP = VisionHParams(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1
                    attention_heads=16, intermediate_layers_indices=(), image_size=560, patch_size=14, num_channels=3,
                    max_num_tiles=4, vision_output_dim=1280, norm_eps=1e-5, supported_aspect_ratios=((2, 2),))
 TOKENS = vision.padded_patches(HP) * HP.max_num_tiles
+REAL_TOKENS = HP.num_patches * HP.max_num_tiles
 LAYERS_PER_ENCODE = 40
 
 
@@ -59,7 +60,6 @@ def random_layer(backend: ggml.Backend, qtype: Q, rng: np.random.Generator) -> t
 def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, runs: int) -> float:
     """Best seconds of one layer; flash=None runs the layer's matrix products without attention."""
     scratch = ggml.Scratch(backend)
-    mask = vision.attention_mask(HP, HP.max_num_tiles)
     x = np.random.default_rng(1).standard_normal((TOKENS, HP.hidden_size)).astype(np.float32)
     best = float("inf")
     for _ in range(runs):
@@ -72,9 +72,8 @@ def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, ru
             g.expand(g.linear(g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias)), layer.ffn_down, layer.ffn_down_bias))
             feeds = {x_in: x}
         else:
-            mask_in = g.input(F16 if flash else F32, TOKENS, TOKENS, name="mask")
-            g.expand(vision.encoder_layer(g, x_in, layer, HP, mask_in, flash))
-            feeds = {x_in: x, mask_in: mask.astype(np.float16 if flash else np.float32)}
+            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, flash))
+            feeds = {x_in: x}
         start = time.perf_counter()
         scratch.run(g, feeds)
         best = min(best, time.perf_counter() - start)

@@ -2,7 +2,8 @@
 
 Reads like HF's MllamaVisionModel.forward, with Meta's semantics where the two differ (the
 intermediate features are the *inputs* of the listed local layers). Hidden states are
-[hidden, tokens] in ggml order; the token axis runs over all tiles, each tile padded to a multiple of 8.
+[hidden, tokens] in ggml order; the token axis runs over all tiles, each tile padded to a multiple of 8,
+in encoder order (the real tokens first, see `encoder_order`).
 
 The tower runs in stages (embeddings, each layer, the projection) so a caller sees progress and the
 scratch memory only ever holds one layer's activations.
@@ -71,16 +72,19 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(tiles, grid * grid, channels * patch * patch), dtype=np.float32)
 
 
-def attention_mask(hp: VisionHParams, num_tiles: int) -> np.ndarray:
-    """[L, L] additive mask; a pair is masked only when *both* tokens are padding (the HF/Meta quirk).
+def encoder_order(hp: VisionHParams, num_tiles: int) -> np.ndarray:
+    """Where each encoder token comes from in the tile-major sequence: the real tokens first, then padding.
 
+    Meta's mask hides a pair only when *both* tokens are padding (the HF/Meta quirk). With the real tokens
+    first, real queries see every key and padding queries see only the real keys, so attention needs no
+    mask. Attention is the one op that mixes tokens, so nothing else depends on the order.
     Padding = the pad tokens of every tile and every token of a tile past the image's real tiles.
     """
     per_tile = padded_patches(hp)
     is_pad = np.ones((hp.max_num_tiles, per_tile), dtype=bool)
     is_pad[:num_tiles, :hp.num_patches] = False
     is_pad = is_pad.reshape(-1)
-    return np.where(is_pad[:, None] & is_pad[None, :], -np.inf, 0.0).astype(np.float32)
+    return np.concatenate([np.flatnonzero(~is_pad), np.flatnonzero(is_pad)]).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------- graph pieces
@@ -104,26 +108,35 @@ def embed(g: Graph, w: VisionEmbeddings, gates: dict[str, float], hp: VisionHPar
     return g.reshape(x, d, padded_patches(hp) * tiles)
 
 
-def self_attention(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, mask: Tensor, flash: bool) -> Tensor:
+def self_attention(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: int, flash: bool) -> Tensor:
+    """Attention over tokens in encoder order: the first `real` see every token, the rest only those."""
     d, heads = hp.hidden_size, hp.attention_heads
     hd, length = d // heads, ggml.shape(x)[1]
-    heads_of = lambda weight: g.reshape(g.mul_mat(weight, x), hd, heads, length)  # noqa: E731
-    q = g.permute(heads_of(w.attn_q), 0, 2, 1)                                      # [hd, L, heads]
-    k = g.permute(heads_of(w.attn_k), 0, 2, 1)
+    heads_of = lambda weight: g.permute(g.reshape(g.mul_mat(weight, x), hd, heads, length), 0, 2, 1)  # noqa: E731
+    q, k, v = heads_of(w.attn_q), heads_of(w.attn_k), heads_of(w.attn_v)          # [hd, L, heads]
     if flash:
-        v = g.permute(heads_of(w.attn_v), 0, 2, 1)
-        out = g.flash_attn(q, g.cast(k, F16), g.cast(v, F16), mask, hd ** -0.5)    # [hd, heads, L]
+        k, v = g.cast(k, F16), g.cast(v, F16)
     else:
-        scores = g.soft_max(g.mul_mat(g.cont(k), q), mask, hd ** -0.5)              # [L_k, L_q, heads]
-        v_t = g.cont(g.permute(heads_of(w.attn_v), 1, 2, 0))                        # [L, hd, heads]
-        out = g.permute(g.mul_mat(v_t, scores), 0, 2, 1)                            # [hd, heads, L]
+        k, v = g.cont(k), g.cont(g.permute(v, 1, 0, 2))                            # v: [L, hd, heads]
+
+    def attend(first: int, count: int, keys: int) -> Tensor:
+        """Queries first..first+count over the first `keys` tokens: [hd, heads, count]."""
+        rows = g.view(q, (hd, count, heads), first * ggml.struct(q).nb[1])
+        if flash:
+            return g.flash_attn(rows, g.view(k, (hd, keys, heads)), g.view(v, (hd, keys, heads)), None, hd ** -0.5)
+        scores = g.soft_max(g.mul_mat(g.view(k, (hd, keys, heads)), rows), None, hd ** -0.5)  # [keys, count, heads]
+        return g.permute(g.mul_mat(g.view(v, (keys, hd, heads)), scores), 0, 2, 1)
+
+    out = attend(0, real, length)
+    if real < length:
+        out = g.concat(out, attend(real, length - real, real), 2)
     return g.mul_mat(w.attn_output, g.reshape(g.cont(out), d, length))
 
 
-def encoder_layer(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, mask: Tensor, flash: bool,
+def encoder_layer(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: int, flash: bool,
                   attn_gate: float = 1.0, ffn_gate: float = 1.0) -> Tensor:
     """Pre-norm transformer layer; the global layers scale both branches by their tanh gates."""
-    h = self_attention(g, g.layer_norm(x, w.attn_norm, w.attn_norm_bias, hp.norm_eps), w, hp, mask, flash)
+    h = self_attention(g, g.layer_norm(x, w.attn_norm, w.attn_norm_bias, hp.norm_eps), w, hp, real, flash)
     x = g.add(x, g.scale(h, attn_gate) if attn_gate != 1.0 else h)
     h = g.layer_norm(x, w.ffn_norm, w.ffn_norm_bias, hp.norm_eps)
     h = g.linear(g.gelu(g.linear(h, w.ffn_up, w.ffn_up_bias)), w.ffn_down, w.ffn_down_bias)
@@ -131,28 +144,23 @@ def encoder_layer(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, mask: 
 
 
 def post_norm(g: Graph, x: Tensor, w: VisionEmbeddings, gates: dict[str, float], hp: VisionHParams,
-              ratio_id: Tensor) -> Tensor:
-    """layernorm_post, then the post-tile embedding (added to pad tokens too, as HF does)."""
-    d, tiles = hp.hidden_size, hp.max_num_tiles
-    x = g.reshape(g.layer_norm(x, w.post_norm, w.post_norm_bias, hp.norm_eps), d, padded_patches(hp), tiles)
-    post_tile = g.reshape(g.get_rows(w.post_tile_embd, ratio_id), d, 1, tiles)
-    x = g.add(x, g.scale(post_tile, gates["post_tile"]))
-    return g.reshape(x, d, padded_patches(hp) * tiles)
+              ratio_id: Tensor, tile_of: Tensor) -> Tensor:
+    """layernorm_post, then the post-tile embedding of each token's tile (pad tokens too, as HF does)."""
+    post_tile = g.reshape(g.get_rows(w.post_tile_embd, ratio_id), hp.hidden_size, hp.max_num_tiles)
+    x = g.layer_norm(x, w.post_norm, w.post_norm_bias, hp.norm_eps)
+    return g.add(x, g.scale(g.get_rows(post_tile, tile_of), gates["post_tile"]))
 
 
-def features(g: Graph, final: Tensor, intermediates: list[Tensor], hp: VisionHParams, num_tiles: int) -> Tensor:
-    """[final, intermediates] per token of the real tiles, padding dropped: [output_dim, num_tiles * n].
+def features(g: Graph, final: Tensor, intermediates: list[Tensor], hp: VisionHParams, real: int) -> Tensor:
+    """[final, intermediates] of the real tokens (the first in encoder order): [output_dim, real].
 
     HF stacks the intermediates on a new last axis and flattens, so their channels interleave (d0·i0, d0·i1, ...).
     """
-    d, per_tile, n = hp.hidden_size, padded_patches(hp), hp.num_patches
-    stacked = g.reshape(intermediates[0], 1, d, per_tile * hp.max_num_tiles)
+    d = hp.hidden_size
+    stacked = g.reshape(g.view(intermediates[0], (d, real)), 1, d, real)
     for t in intermediates[1:]:
-        stacked = g.concat(stacked, g.reshape(t, 1, d, per_tile * hp.max_num_tiles), 0)
-    x = g.concat(final, g.reshape(stacked, d * len(intermediates), per_tile * hp.max_num_tiles), 0)
-    x = g.reshape(x, hp.vision_output_dim, per_tile, hp.max_num_tiles)
-    x = g.cont(g.view(x, (hp.vision_output_dim, n, num_tiles)))
-    return g.reshape(x, hp.vision_output_dim, n * num_tiles)
+        stacked = g.concat(stacked, g.reshape(g.view(t, (d, real)), 1, d, real), 0)
+    return g.concat(g.view(final, (d, real)), g.reshape(stacked, d * len(intermediates), real), 0)
 
 
 # ------------------------------------------------------------------------------------------- the stages
@@ -189,10 +197,10 @@ class ImageKV:
 
 
 class StageInputs:
-    """The image's inputs, made in a stage's graph on first use (a stage that needs no mask gets none)."""
+    """The image's inputs, made in a stage's graph on first use (a stage gets only those it needs)."""
 
-    def __init__(self, g: Graph, image: Image, hp: VisionHParams, flash: bool) -> None:
-        self.g, self.image, self.hp, self.flash = g, image, hp, flash
+    def __init__(self, g: Graph, image: Image, hp: VisionHParams) -> None:
+        self.g, self.image, self.hp = g, image, hp
         self.feeds: dict[Tensor, np.ndarray] = {}
 
     def _input(self, qtype, array: np.ndarray, name: str) -> Tensor:
@@ -205,9 +213,14 @@ class StageInputs:
         return self._input(ggml.I32, np.array([self.image.aspect_ratio_id], dtype=np.int32), "aspect_ratio_id")
 
     @cached_property
-    def mask(self) -> Tensor:
-        mask = attention_mask(self.hp, self.image.num_tiles)
-        return self._input(F16, mask.astype(np.float16), "mask") if self.flash else self._input(F32, mask, "mask")
+    def order(self) -> Tensor:
+        return self._input(ggml.I32, encoder_order(self.hp, self.image.num_tiles), "encoder_order")
+
+    @cached_property
+    def tile_of(self) -> Tensor:
+        """The tile of each token, in encoder order."""
+        tiles = encoder_order(self.hp, self.image.num_tiles) // padded_patches(self.hp)
+        return self._input(ggml.I32, tiles.astype(np.int32), "tile_of")
 
     @cached_property
     def patches(self) -> Tensor:
@@ -228,36 +241,36 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
            progress: Progress | None = None) -> ImageKV:
     """Run the tower on one preprocessed image and keep K/V for each cross layer."""
     v, flash = hp.vision, tower.flash_attention
-    length = padded_patches(v) * v.max_num_tiles
+    length, real = padded_patches(v) * v.max_num_tiles, image.num_tiles * v.num_patches
     saved_at = {layer: k for k, layer in enumerate(v.intermediate_layers_indices)}
 
     work = Graph(4 + len(saved_at))                         # activations that live across stages
     hidden = work.new(F32, v.hidden_size, length, name="hidden")
     saved = [work.new(F32, v.hidden_size, length, name=f"intermediate.{k}") for k in range(len(saved_at))]
     work_buffer = backend.alloc(work)
-    kv = new_image_kv(backend, cross_layers, hp, image.num_tiles * v.num_patches, kv_type)
+    kv = new_image_kv(backend, cross_layers, hp, real, kv_type)
     stages: list[Callable[[Graph, StageInputs], Tensor]] = []
 
     def embeddings(g: Graph, x: StageInputs) -> Tensor:
-        return g.cpy(embed(g, tower.embeddings, tower.gates, v, x.patches, x.ratio), hidden)
+        return g.cpy(g.get_rows(embed(g, tower.embeddings, tower.gates, v, x.patches, x.ratio), x.order), hidden)
     stages.append(embeddings)
 
     for i, layer in enumerate(tower.layers):
         def local(g: Graph, x: StageInputs, i=i, layer=layer) -> Tensor:
             if i in saved_at:                                 # Meta keeps the layer's *input*
                 g.expand(g.cpy(hidden, saved[saved_at[i]]))
-            return g.cpy(encoder_layer(g, hidden, layer, v, x.mask, flash), hidden)
+            return g.cpy(encoder_layer(g, hidden, layer, v, real, flash), hidden)
         stages.append(local)
 
     for i, layer in enumerate(tower.global_layers):
         def global_(g: Graph, x: StageInputs, i=i, layer=layer) -> Tensor:
-            h = post_norm(g, hidden, tower.embeddings, tower.gates, v, x.ratio) if i == 0 else hidden
-            return g.cpy(encoder_layer(g, h, layer, v, x.mask, flash, tower.gates[f"global.{i}.attn"],
+            h = post_norm(g, hidden, tower.embeddings, tower.gates, v, x.ratio, x.tile_of) if i == 0 else hidden
+            return g.cpy(encoder_layer(g, h, layer, v, real, flash, tower.gates[f"global.{i}.attn"],
                                        tower.gates[f"global.{i}.ffn"]), hidden)
         stages.append(global_)
 
     def project(g: Graph, x: StageInputs) -> Tensor:
-        projected = g.linear(features(g, hidden, saved, v, image.num_tiles), tower.projector.weight,
+        projected = g.linear(features(g, hidden, saved, v, real), tower.projector.weight,
                              tower.projector.bias)
         for index, layer in cross_layers.items():
             key, value_t = cross_attention.image_key_value(g, projected, layer, hp.text)
@@ -269,7 +282,7 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
     try:
         for done, build in enumerate(stages, start=1):
             g = Graph()
-            inputs = StageInputs(g, image, v, flash)
+            inputs = StageInputs(g, image, v)
             g.expand(build(g, inputs))
             scratch.run(g, inputs.feeds)
             g.close()
