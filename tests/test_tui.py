@@ -14,6 +14,7 @@ from assistant import store
 from assistant.history import History
 from assistant.tui.app import LvaApp
 from assistant.tui.screens.chat import ChatScreen
+from assistant.tui.screens.confirm import ConfirmScreen
 from assistant.tui.screens.first_run import FirstRunScreen
 from assistant.tui.screens.rename import RenameScreen
 from assistant.tui.widgets.attachment_bar import AttachmentBar
@@ -223,11 +224,62 @@ def test_conversations_switch_rename_delete_and_search():
 
             screen.query_one(PromptInput).focus()
             await pilot.press("f8")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+            assert app.screen is screen and len(app.history.list_conversations()) == 2
+            await pilot.press("f8")
+            await pilot.press("y")
             await pilot.pause()
             assert [c.id for c in app.history.list_conversations()] == [second]
             assert sidebar.conversation_ids == [second]
             assert screen.conversation_id is None and not screen.query(UserMessage)
             assert app.screen is screen
+
+    run(scenario)
+
+
+def test_ctrl_r_answers_again_and_ctrl_e_edits_the_last_message_in_the_history_too():
+    install_tiny_model()
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            await paste(pilot, str(IMAGE))
+            await send(pilot, "first question")
+            await send(pilot, "second question")
+            before = app.history.messages(screen.conversation_id)
+            assert [m.role for m in before] == ["user", "assistant", "user", "assistant"]
+            old_answer = screen.conversation.turns[3]
+
+            await pilot.press("ctrl+r")
+            await until(lambda: not screen.generating)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            after = app.history.messages(screen.conversation_id)
+            assert [m.id for m in after[:3]] == [m.id for m in before[:3]] and len(after) == 4
+            assert screen.conversation.turns[3] is not old_answer
+            assert after[3].text == screen.conversation.turns[3].text
+            assert len(screen.query(AssistantMessage)) == 2
+
+            await pilot.press("ctrl+e")
+            prompt = screen.query_one(PromptInput)
+            assert prompt.text == "second question" and prompt.has_class("-editing")
+            await pilot.press("escape")
+            assert screen.editing is None and prompt.text == "" and not prompt.has_class("-editing")
+
+            await pilot.press("ctrl+e")
+            prompt.text = "the question, edited"
+            await pilot.press("enter")
+            await until(lambda: not screen.generating)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            edited = app.history.messages(screen.conversation_id)
+            assert [m.text for m in edited[:3]] == ["first question", before[1].text, "the question, edited"]
+            assert len(edited) == 4 and edited[0].image_id is not None
+            assert [m.text for m in screen.query(UserMessage)] == ["first question", "the question, edited"]
+            assert [t.text for t in screen.conversation.turns[:3]] == [m.text for m in edited[:3]]
+            assert screen.editing is None
 
     run(scenario)
 
@@ -247,6 +299,7 @@ def test_reopening_the_app_restores_the_last_conversation_with_its_image():
             (user,) = screen.query(UserMessage)
             assert user.text == "remember this picture"
             assert user.image is not None and user.image.is_file()
+            assert user.image.name != IMAGE.name and user.image_name == IMAGE.name   # the store's copy, shown by name
             assert screen.conversation.turns[0].image == user.image
             await send(pilot, "and now?")
             assert History().messages(screen.conversation_id)[2].text == "and now?"
@@ -280,10 +333,11 @@ def test_help_lists_every_key_and_the_palette_has_the_actions():
             await pilot.press("f1")
             table = app.screen.query_one("DataTable")
             keys = {str(table.get_row_at(i)[0]) for i in range(table.row_count)}
-            assert {"escape", "ctrl+n", "ctrl+o", "f2", "f8", "f3", "f5", "enter"} <= keys
+            assert {"escape", "ctrl+n", "ctrl+o", "f2", "f8", "f3", "f5", "ctrl+r", "ctrl+e", "enter"} <= keys
             await pilot.press("escape")
             titles = {c.title for c in app.get_system_commands(screen)}
-            assert {"New conversation", "Attach image", "Rename conversation", "Settings", "Models"} <= titles
+            assert {"New conversation", "Attach image", "Rename conversation", "Settings", "Models", "Regenerate",
+                    "Edit last message"} <= titles
 
     run(scenario)
 

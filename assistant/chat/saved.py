@@ -30,6 +30,17 @@ def load(history: History, conversation_id: int) -> Conversation:
     return Conversation(system_prompt=stored.system_prompt, turns=turns, sampling=sampling)
 
 
+def image_names(history: History, conversation_id: int) -> dict[Path, str]:
+    """The original file names of a conversation's images, by the path of the store's copy (named by hash)."""
+    names = {}
+    for message in history.messages(conversation_id):
+        if message.image_id:
+            stored = history.image(message.image_id)
+            path = history.images_dir / stored.relative_path
+            names[path] = stored.name or path.name
+    return names
+
+
 def start(history: History, conversation: Conversation, model_name: str, title: str) -> int:
     """A new stored conversation for an engine conversation; returns its id."""
     return history.new_conversation(title=title[:80], system_prompt=conversation.system_prompt, model=model_name,
@@ -64,7 +75,6 @@ def stream_answer(history: History, conversation_id: int, pieces: Iterator[str],
         history.update_message(message.id, text=text, status=reply.status,
                                completion_tokens=reply.completion_tokens, seconds=reply.seconds,
                                prompt_tokens=reply.prompt_tokens)
-
 
 
 def rewind(history: History, conversation_id: int, turns_kept: int) -> None:

@@ -170,3 +170,5 @@ class LvaApp(App):
             yield SystemCommand("Rename conversation", "Give the conversation a title (F2)", screen.action_rename)
             yield SystemCommand("Delete conversation", "Delete the conversation (F8)", screen.action_delete)
             yield SystemCommand("Stop answer", "Stop the answer, keeping what was written (Esc)", screen.action_stop)
+            yield SystemCommand("Regenerate", "Answer the last message again (Ctrl+R)", screen.action_regenerate)
+            yield SystemCommand("Edit last message", "Edit it and answer again (Ctrl+E)", screen.action_edit_last)

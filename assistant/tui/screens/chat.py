@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -14,7 +16,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar
 
 from assistant.chat import saved
-from assistant.chat.engine import ChatError, Conversation, Reply
+from assistant.chat.engine import ChatError, Conversation, Reply, Turn
 from assistant.images import ImageError, load_image
 from assistant.tui.widgets.attachment_bar import AttachmentBar, describe_image
 from assistant.tui.widgets.chat_log import AssistantMessage, ChatLog
@@ -34,6 +36,8 @@ class ChatScreen(Screen):
         Binding("ctrl+f", "search", "Search", priority=True),
         Binding("f2", "rename", "Rename"),
         Binding("f8", "delete", "Delete chat"),
+        Binding("ctrl+r", "regenerate", "Answer the last message again", show=False, priority=True),
+        Binding("ctrl+e", "edit_last", "Edit the last message", show=False, priority=True),
         Binding("ctrl+l", "focus_input", "Input", show=False, priority=True),
     ]
 
@@ -43,6 +47,7 @@ class ChatScreen(Screen):
         self.conversation_id: int | None = None
         self.attachment: Path | None = None
         self.generating = False
+        self.editing: int | None = None          # the user turn the input box is rewriting (Ctrl+E)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -78,6 +83,7 @@ class ChatScreen(Screen):
         self.sidebar.current = None
         self.query_one(ChatLog).clear()
         self.set_attachment(None)
+        self.set_editing(None)
         self.update_status()
 
     def open_conversation(self, conversation_id: int) -> None:
@@ -88,16 +94,23 @@ class ChatScreen(Screen):
         self.conversation = saved.load(self.app.history, conversation_id)
         self.conversation_id = conversation_id
         self.sidebar.current = conversation_id
-        log = self.query_one(ChatLog)
-        log.clear()
-        for turn in self.conversation.turns:
-            if turn.role == "user":
-                log.add_user(turn.text, turn.image if turn.image and turn.image.is_file() else None)
-            else:
-                log.add_assistant(turn.text).finish(turn.status)
+        self.show_turns(self.conversation.turns)
         self.set_attachment(None)
+        self.set_editing(None)
         self.sidebar.refresh_list()
         self.update_status()
+
+    def show_turns(self, turns: list[Turn]) -> None:
+        """Fill the chat log with a kept conversation's turns, its images under their original names."""
+        names = saved.image_names(self.app.history, self.conversation_id) if self.conversation_id else {}
+        log = self.query_one(ChatLog)
+        log.clear()
+        for turn in turns:
+            if turn.role == "user":
+                image = turn.image if turn.image and turn.image.is_file() else None
+                log.add_user(turn.text, image, names.get(image) if image else None)
+            else:
+                log.add_assistant(turn.text).finish(turn.status)
 
     @on(ConversationList.Selected)
     def conversation_selected(self, event: ConversationList.Selected) -> None:
@@ -162,41 +175,70 @@ class ChatScreen(Screen):
             if self.attach(Path(text.removeprefix("/image").strip().strip("'\"")).expanduser()):
                 prompt.focus()
             return
-        if not text:
-            return
-        if self.generating:
-            self.notify("Still answering; Esc stops it", severity="warning")
-            return
-        if self.app.engine is None:
-            self.notify("The model is not loaded yet", severity="warning")
+        if not text or not self.can_answer():
             return
         prompt.clear()
+        if self.editing is not None:
+            self.send_edit(self.editing, text)
+            return
         image, self.attachment = self.attachment, None
         self.query_one(AttachmentBar).attach(None)
-        log = self.query_one(ChatLog)
-        log.add_user(text, image)
-        self.generating = True
-        self.generate(text, image, log.add_assistant(status="stopped"))
+        self.query_one(ChatLog).add_user(text, image)
+        history, engine, model_name = self.app.history, self.app.engine, self.app.model.text_path.name
 
-    @work(thread=True, exclusive=True, group="generation")
-    def generate(self, text: str, image: Path | None, message: AssistantMessage) -> None:
-        """Encode the image (with a progress bar), then stream the answer into `message`; Esc stops it."""
-        app, history, engine, model = self.app, self.app.history, self.app.engine, self.app.model
-        status = "error"
-        try:
-            if image is not None and model.vision is not None:
-                model.encode_image(image, progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
-                app.call_from_thread(self.show_progress, "encoding image", 1.0)
-            replies: list[Reply] = []
+        def begin(replies: list[Reply]) -> Iterator[str]:
             pieces = engine.send(self.conversation, text, image, on_reply=replies.append)
-            model_name = model.text_path.name
             if self.conversation_id is None:
                 title = text or (image.name if image else "New conversation")
                 self.conversation_id = saved.start(history, self.conversation, model_name, title)
-                app.call_from_thread(self._conversation_started)
+                self.app.call_from_thread(self._conversation_started)
             saved.save_user_turn(history, self.conversation_id, self.conversation.turns[-1])
+            return pieces
+        self.answer(begin)
+
+    def can_answer(self) -> bool:
+        if self.generating:
+            self.notify("Still answering; Esc stops it", severity="warning")
+            return False
+        if self.app.engine is None:
+            self.notify("The model is not loaded yet", severity="warning")
+            return False
+        return True
+
+    def send_edit(self, index: int, text: str) -> None:
+        """Replace user turn `index` with `text`, forget what came after it, and answer again."""
+        self.set_editing(None)
+        turns = self.conversation.turns
+        self.show_turns([*turns[:index], replace(turns[index], text=text)])
+        history, engine, conversation_id = self.app.history, self.app.engine, self.conversation_id
+
+        def begin(replies: list[Reply]) -> Iterator[str]:
+            saved.rewind(history, conversation_id, index)
+            pieces = engine.edit(self.conversation, index, text, on_reply=replies.append)
+            saved.save_user_turn(history, conversation_id, self.conversation.turns[index])
+            return pieces
+        self.answer(begin)
+
+    def answer(self, begin: Callable[[list[Reply]], Iterator[str]]) -> None:
+        """Answer in a worker, into a new message at the end of the log."""
+        self.generating = True
+        self.stream_answer(begin, self.query_one(ChatLog).add_assistant(status="stopped"))
+
+    @work(thread=True, exclusive=True, group="generation")
+    def stream_answer(self, begin: Callable[[list[Reply]], Iterator[str]], message: AssistantMessage) -> None:
+        """`begin` updates the conversation and the history and returns the answer's pieces; the image is
+        encoded first (with a progress bar, instant when cached), then the answer streams into `message`."""
+        app, model = self.app, self.app.model
+        status = "error"
+        try:
+            replies: list[Reply] = []
+            pieces = begin(replies)
+            _, image = app.engine.current_image(self.conversation)
+            if image is not None and model.vision is not None:
+                model.encode_image(image, progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
+                app.call_from_thread(self.show_progress, "encoding image", 1.0)
             answer, shown_at = "", 0.0
-            for piece in saved.stream_answer(history, self.conversation_id, pieces, model_name,
+            for piece in saved.stream_answer(app.history, self.conversation_id, pieces, model.text_path.name,
                                              self.conversation.sampling, replies):
                 answer += piece
                 if time.monotonic() - shown_at > STREAM_EVERY_SECONDS:
@@ -208,8 +250,6 @@ class ChatScreen(Screen):
             app.call_from_thread(self.update_status, reply)
         except (ChatError, ImageError, OSError) as error:
             app.call_from_thread(self.notify, str(error), title="Cannot answer", severity="error")
-            if self.conversation.turns and self.conversation.turns[-1].role == "user":
-                self.conversation.turns.pop()
         finally:
             app.call_from_thread(self._generation_done, message, status)
 
@@ -220,10 +260,14 @@ class ChatScreen(Screen):
     def _generation_done(self, message: AssistantMessage, status: str) -> None:
         self.generating = False
         self.show_progress("", 1.0)
-        if status == "error":
-            message.remove()
-        else:
+        if status != "error":
             message.finish(status)
+        elif self.conversation_id is not None:
+            self.open_conversation(self.conversation_id)      # back in step with what the history kept
+        else:
+            message.remove()
+            if self.conversation.turns and self.conversation.turns[-1].role == "user":
+                self.conversation.turns.pop()
         self.sidebar.refresh_list()
 
     # ------------------------------------------------------------------------------------------ progress, status
@@ -258,8 +302,55 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self.generating and self.app.engine is not None:
             self.app.engine.stop()
+        elif self.editing is not None:
+            self.set_editing(None)
+            self.query_one(PromptInput).clear()
         elif self.focused is not self.query_one(PromptInput):
             self.query_one(PromptInput).focus()
+
+    def set_editing(self, index: int | None) -> None:
+        self.editing = index
+        prompt = self.query_one(PromptInput)
+        prompt.border_title = None if index is None else "Editing your message: Enter sends it, Esc cancels"
+        prompt.set_class(index is not None, "-editing")
+
+    def last_user_turn(self) -> int | None:
+        """The index of the last message of yours in a kept conversation, if there is one to act on."""
+        if self.conversation_id is None:
+            return None
+        users = [i for i, turn in enumerate(self.conversation.turns) if turn.role == "user"]
+        return users[-1] if users else None
+
+    def action_regenerate(self) -> None:
+        """Answer the last message again, in place of the last answer."""
+        index = self.last_user_turn()
+        if index is None:
+            self.notify("Nothing to answer again yet", severity="warning")
+            return
+        if not self.can_answer():
+            return
+        self.show_turns(self.conversation.turns[:index + 1])
+        history, engine, conversation_id = self.app.history, self.app.engine, self.conversation_id
+
+        def begin(replies: list[Reply]) -> Iterator[str]:
+            saved.rewind(history, conversation_id, index + 1)
+            return engine.regenerate(self.conversation, on_reply=replies.append)
+        self.answer(begin)
+
+    def action_edit_last(self) -> None:
+        """Put the last message of yours in the input box; sending it replaces it and what followed."""
+        index = self.last_user_turn()
+        if index is None:
+            self.notify("Nothing to edit yet", severity="warning")
+            return
+        if self.generating:
+            self.notify("Wait for the answer, or stop it with Esc", severity="warning")
+            return
+        prompt = self.query_one(PromptInput)
+        prompt.text = self.conversation.turns[index].text
+        prompt.move_cursor(prompt.document.end)
+        prompt.focus()
+        self.set_editing(index)
 
     def action_new_conversation(self) -> None:
         if self.generating:
@@ -304,8 +395,16 @@ class ChatScreen(Screen):
         self.app.push_screen(RenameScreen(title), renamed)
 
     def action_delete(self) -> None:
+        from assistant.tui.screens.confirm import ConfirmScreen
+
         target = self._target_conversation()
         if target is None:
             self.notify("Nothing to delete", severity="warning")
             return
-        self.delete_conversation(target)
+        title = self.app.history.conversation(target).title or "this conversation"
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                self.delete_conversation(target)
+
+        self.app.push_screen(ConfirmScreen(f"Delete “{title}” and its messages?", "Delete"), confirmed)

@@ -15,14 +15,15 @@ RENDER_EVERY_SECONDS = 0.08       # re-parsing Markdown on every token would be 
 
 
 class UserMessage(Widget):
-    def __init__(self, text: str, image: Path | None = None) -> None:
+    def __init__(self, text: str, image: Path | None = None, image_name: str | None = None) -> None:
         super().__init__(classes="message user-message")
         self.text, self.image = text, image
+        self.image_name = image_name or (image.name if image else None)
 
     def compose(self) -> ComposeResult:
         if self.image is not None:
             yield Image(self.image, classes="message-image")
-            yield Label(f"🖼 {self.image.name}", classes="message-image-name")
+            yield Label(f"🖼 {self.image_name}", classes="message-image-name")
         yield Markdown(self.text)
 
 
@@ -56,8 +57,8 @@ class ChatLog(VerticalScroll):
     def clear(self) -> None:
         self.remove_children()
 
-    def add_user(self, text: str, image: Path | None = None) -> UserMessage:
-        message = UserMessage(text, image)
+    def add_user(self, text: str, image: Path | None = None, image_name: str | None = None) -> UserMessage:
+        message = UserMessage(text, image, image_name)
         self.mount(message)
         self.scroll_end(animate=False)
         return message
