@@ -77,7 +77,7 @@ def reopen(text_gguf: Path, conversation: Conversation, cache: FeatureCache | No
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lva-runtime-bench")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lva-bench")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -136,7 +136,7 @@ def write_docs(report: str) -> None:
         intro = ("A new turn evaluates only its own tokens (the KV cache holds the rest), and an image's features "
                  "are kept on disk, so reopening a conversation does not run the vision encoder again. To rerun "
                  "(after `bench/runtime_bench.py` has built its model): `python bench/chat_bench.py --work "
-                 "/tmp/lva-runtime-bench --reuse --write-docs`.")
+                 "/tmp/lva-bench --reuse --write-docs`.")
         text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{intro}\n\n{section}\n"
     DOCS.write_text(text)
 

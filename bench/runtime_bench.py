@@ -746,9 +746,10 @@ def render_stages(r: Results) -> str:
     """Where the encode time goes, per stage group, and an estimate of attention against matrix products.
 
     The encoder always runs all 4 tile slots (1608 tokens each, padding included), so every layer does
-    the same matrix products whatever the image. Attention differs: the mask only blocks pairs of two
-    padding tokens, and ggml's flash attention skips masked pairs, so a 1-tile image does a fraction
-    of the 4-tile attention work. Two encodes that differ only there give the split of a layer's time.
+    the same matrix products whatever the image. Attention differs: Meta's mask only blocks pairs of two
+    padding tokens, and the encoder leaves those pairs out (padding queries attend to the real keys only),
+    so a 1-tile image does a fraction of the 4-tile attention work. Two encodes that differ only there
+    give the split of a layer's time.
     """
     by_tiles = {e.tiles: e for e in r.encodes}
     four = by_tiles[max(by_tiles)]

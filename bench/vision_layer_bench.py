@@ -4,6 +4,9 @@ The 4-tile encode runs 40 such layers (32 local + 8 global) over 6432 tokens, so
 the encode time. This isolates the two costs per weight type: the matrix products (the layer without its
 attention) and the attention (the rest), for the attention paths the runtime has: ggml's flash attention
 with F16 K/V (used for F16/BF16/quantized towers) and the exact F32 softmax path (used for F32 towers).
+Then the kernels' rates: a layer-sized matrix product per weight type, and ggml's flash attention with
+and without Meta's padding mask (the encoder orders its tokens so that it needs none), and the encode
+time they imply at best.
 
     python bench/vision_layer_bench.py                 # F16, BF16, Q8_0 weights
     python bench/vision_layer_bench.py --types BF16 --runs 3
@@ -57,29 +60,95 @@ def random_layer(backend: ggml.Backend, qtype: Q, rng: np.random.Generator) -> t
     return VisionLayer(**tensors), g, buffer
 
 
-def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, runs: int) -> float:
-    """Best seconds of one layer; flash=None runs the layer's matrix products without attention."""
-    scratch = ggml.Scratch(backend)
-    x = np.random.default_rng(1).standard_normal((TOKENS, HP.hidden_size)).astype(np.float32)
-    best = float("inf")
+def time_graph(backend: ggml.Backend, build, runs: int) -> float:
+    """Best seconds of a graph that `build(g)` makes, returning its inputs."""
+    scratch, best = ggml.Scratch(backend), float("inf")
     for _ in range(runs):
         g = Graph()
-        x_in = g.input(F32, HP.hidden_size, TOKENS, name="x")
-        if flash is None:
-            for weight in (layer.attn_q, layer.attn_k):
-                g.expand(g.mul_mat(weight, x_in))
-            h = g.mul_mat(layer.attn_output, g.mul_mat(layer.attn_v, x_in))
-            g.expand(g.linear(g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias)), layer.ffn_down, layer.ffn_down_bias))
-            feeds = {x_in: x}
-        else:
-            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, flash))
-            feeds = {x_in: x}
+        feeds = build(g)
         start = time.perf_counter()
         scratch.run(g, feeds)
         best = min(best, time.perf_counter() - start)
         g.close()
     scratch.close()
     return best
+
+
+def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, runs: int) -> float:
+    """Best seconds of one layer; flash=None runs the layer's matrix products without attention."""
+    x = np.random.default_rng(1).standard_normal((TOKENS, HP.hidden_size)).astype(np.float32)
+
+    def build(g: Graph) -> dict:
+        x_in = g.input(F32, HP.hidden_size, TOKENS, name="x")
+        if flash is None:
+            for weight in (layer.attn_q, layer.attn_k):
+                g.expand(g.mul_mat(weight, x_in))
+            h = g.mul_mat(layer.attn_output, g.mul_mat(layer.attn_v, x_in))
+            g.expand(g.linear(g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias)), layer.ffn_down, layer.ffn_down_bias))
+        else:
+            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, flash))
+        return {x_in: x}
+    return time_graph(backend, build, runs)
+
+
+def product_rate(backend: ggml.Backend, qtype: Q, runs: int, rng: np.random.Generator) -> float:
+    """GFLOP/s of the layer's widest product (ffn_up: 1280 -> 5120) over the 6432 tokens."""
+    d, ffn = HP.hidden_size, HP.intermediate_size
+    layer, weights, buffer = random_layer(backend, qtype, rng)
+    x = rng.standard_normal((TOKENS, d)).astype(np.float32)
+
+    def build(g: Graph) -> dict:
+        x_in = g.input(F32, d, TOKENS, name="x")
+        g.expand(g.mul_mat(layer.ffn_up, x_in))
+        return {x_in: x}
+    seconds = time_graph(backend, build, runs)
+    ggml.free_buffer(buffer)
+    weights.close()
+    return 2 * d * ffn * TOKENS / seconds / 1e9
+
+
+def attention_seconds(backend: ggml.Backend, masked: bool, runs: int, rng: np.random.Generator) -> float:
+    """ggml's flash attention over the 6432 tokens, F16 K/V: with Meta's mask as the tile-major order needs
+    it, or split as the encoder order runs it (real queries over all keys, padding over the real keys)."""
+    heads, hd = HP.attention_heads, HP.hidden_size // HP.attention_heads
+    q = rng.standard_normal((heads, TOKENS, hd)).astype(np.float32)
+    kv = rng.standard_normal((heads, TOKENS, hd)).astype(np.float16)
+    is_pad = ~np.isin(np.arange(TOKENS), vision.encoder_order(HP, HP.max_num_tiles)[:REAL_TOKENS])
+    mask = np.where(is_pad[:, None] & is_pad[None, :], -np.inf, 0).astype(np.float16)
+
+    def build(g: Graph) -> dict:
+        q_in, kv_in = g.input(F32, hd, TOKENS, heads, name="q"), g.input(F16, hd, TOKENS, heads, name="kv")
+        if masked:
+            mask_in = g.input(F16, TOKENS, TOKENS, name="mask")
+            g.expand(g.flash_attn(q_in, kv_in, kv_in, mask_in, hd ** -0.5))
+            return {q_in: q, kv_in: kv, mask_in: mask}
+        real_keys = g.view(kv_in, (hd, REAL_TOKENS, heads))
+        pad_queries = g.view(q_in, (hd, TOKENS - REAL_TOKENS, heads), REAL_TOKENS * ggml.struct(q_in).nb[1])
+        g.expand(g.flash_attn(g.view(q_in, (hd, REAL_TOKENS, heads)), kv_in, kv_in, None, hd ** -0.5))
+        g.expand(g.flash_attn(pad_queries, real_keys, real_keys, None, hd ** -0.5))
+        return {q_in: q, kv_in: kv}
+    return time_graph(backend, build, runs)
+
+
+def print_kernel_rates(backend: ggml.Backend, runs: int, rng: np.random.Generator) -> None:
+    heads, hd, d, ffn = HP.attention_heads, HP.hidden_size // HP.attention_heads, HP.hidden_size, HP.intermediate_size
+    attention_flop = 4 * TOKENS * TOKENS * hd * heads
+    products_flop = 2 * TOKENS * (4 * d * d + 2 * d * ffn)
+    rates = {name: product_rate(backend, Q[name], runs, rng) for name in ("F32", "F16", "BF16")}
+    print("\n| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s |\n|---|--:|")
+    for name, rate in rates.items():
+        print(f"| {name} weights | {rate:.0f} |")
+    times = {True: float("inf"), False: float("inf")}
+    for _ in range(runs):                                   # interleaved, so both see the same machine
+        for masked in times:
+            times[masked] = min(times[masked], attention_seconds(backend, masked, 1, rng))
+    print(f"\n| flash attention, F16 K/V, {attention_flop / 1e9:.0f} GFLOP a layer | s | GFLOP/s |\n|---|--:|--:|")
+    for masked, label in ((True, "with Meta's mask (tile-major order)"), (False, "no mask (encoder order)")):
+        print(f"| {label} | {times[masked]:.2f} | {attention_flop / times[masked] / 1e9:.0f} |")
+    best = LAYERS_PER_ENCODE * (attention_flop / (rates["F32"] * 1e9) + products_flop / (rates["BF16"] * 1e9))
+    print(f"\nA 4-tile encode with attention at the F32 product rate and BF16 products: at least {best:.0f} s "
+          f"({LAYERS_PER_ENCODE} layers x ({attention_flop / 1e9:.0f} GFLOP / {rates['F32']:.0f} + "
+          f"{products_flop / 1e9:.0f} GFLOP / {rates['BF16']:.0f} GFLOP/s)), before norms and activations.")
 
 
 def main() -> None:
@@ -105,6 +174,7 @@ def main() -> None:
                   f"{total * LAYERS_PER_ENCODE:.0f} |", flush=True)
         ggml.free_buffer(buffer)
         weights.close()
+    print_kernel_rates(backend, args.runs, rng)
 
 
 if __name__ == "__main__":
