@@ -18,6 +18,7 @@ from textual.widgets import Footer, Label, ProgressBar
 from assistant.chat import saved
 from assistant.chat.engine import ChatError, Conversation, Reply, Turn
 from assistant.images import ImageError, load_image
+from assistant.runtime import ModelError
 from assistant.tui.widgets.attachment_bar import AttachmentBar, describe_image
 from assistant.tui.widgets.chat_log import AssistantMessage, ChatLog
 from assistant.tui.widgets.conversation_list import ConversationList
@@ -248,7 +249,7 @@ class ChatScreen(Screen):
             reply = replies[-1]
             status = reply.status
             app.call_from_thread(self.update_status, reply)
-        except (ChatError, ImageError, OSError) as error:
+        except (ChatError, ImageError, ModelError, OSError) as error:
             app.call_from_thread(self.notify, str(error), title="Cannot answer", severity="error")
         finally:
             app.call_from_thread(self._generation_done, message, status)
