@@ -6,7 +6,7 @@ On the synthetic 11B-width model of `bench/runtime_bench.py` (full vision tower)
 - reopening that conversation in a fresh model (as a new `lva ask --continue` or a restarted app does):
   time to first token with the image's features read from the disk cache vs encoding the image again.
 
-    python bench/chat_bench.py --work /tmp/rb-full --reuse          # reuses runtime_bench's converted pair
+    python bench/chat_bench.py --work /tmp/lva-bench --reuse          # reuses runtime_bench's converted pair
     python bench/chat_bench.py --write-docs
 """
 
@@ -24,15 +24,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from runtime_bench import FULL, QUICK, _cpu_model, make_image, prepare_pair  # noqa: E402
+from report import cpu_model, write_section  # noqa: E402
+from runtime_bench import FULL, QUICK, make_image, prepare_pair  # noqa: E402
 
 from assistant import load_model  # noqa: E402
 from assistant.chat.engine import ChatEngine, Conversation, Sampling  # noqa: E402
 from assistant.chat.feature_cache import FeatureCache  # noqa: E402
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
-START, END = "<!-- chat-bench:start -->", "<!-- chat-bench:end -->"
-HEADING = "## Conversations (`lva ask`, the chat engine)"
+PREAMBLE = ("## Conversations (`lva ask`, the chat engine)\n\n"
+            "A new turn evaluates only its own tokens (the KV cache holds the rest), and an image's features are kept "
+            "on disk, so reopening a conversation does not run the vision encoder again. To rerun (after "
+            "`bench/runtime_bench.py` has built its model): `python bench/chat_bench.py --work /tmp/lva-bench "
+            "--reuse --write-docs`.")
 
 
 @dataclass
@@ -104,7 +107,7 @@ def main() -> int:
     report = render(rows, depth, args.threads)
     print(report)
     if args.write_docs and not args.quick:
-        write_docs(report)
+        write_section("chat", report, PREAMBLE)
     return 0
 
 
@@ -112,7 +115,7 @@ def render(rows: list[FirstToken], depth, threads: int) -> str:
     first, second, cached, encoded = rows
     lines = [
         f"Measured {datetime.date.today()} by `python bench/chat_bench.py --write-docs` on {os.cpu_count()} cores "
-        f"({_cpu_model()}), {threads} threads, Q4_K_M text and cross layers, F16 vision tower; the synthetic "
+        f"({cpu_model()}), {threads} threads, Q4_K_M text and cross layers, F16 vision tower; the synthetic "
         f"model of the runtime benchmark ({depth.describe()}). Greedy answers; time until the first piece of answer text is streamed (these random weights often start with tokens that print nothing, so it can include a few decode steps).",
         "",
         "| turn | seconds to first text | prompt tokens | evaluated | vision encoder runs |",
@@ -124,21 +127,6 @@ def render(rows: list[FirstToken], depth, threads: int) -> str:
               f"Second turn / first: {second.seconds / first.seconds:.3f}. "
               f"Reopening from the feature cache / encoding again: {cached.seconds / encoded.seconds:.3f}."]
     return "\n".join(lines)
-
-
-def write_docs(report: str) -> None:
-    text = DOCS.read_text()
-    section = f"{START}\n{report}\n{END}"
-    if START in text:
-        before, rest = text.split(START, 1)
-        text = before + section + rest.split(END, 1)[1]
-    else:
-        intro = ("A new turn evaluates only its own tokens (the KV cache holds the rest), and an image's features "
-                 "are kept on disk, so reopening a conversation does not run the vision encoder again. To rerun "
-                 "(after `bench/runtime_bench.py` has built its model): `python bench/chat_bench.py --work "
-                 "/tmp/lva-bench --reuse --write-docs`.")
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{intro}\n\n{section}\n"
-    DOCS.write_text(text)
 
 
 if __name__ == "__main__":

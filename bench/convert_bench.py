@@ -37,9 +37,8 @@ from convert.pipeline import output_paths  # noqa: E402
 from convert.quant_types import QUANT_TYPES  # noqa: E402
 from tests.synthetic_checkpoint import eleven_b_config, write_checkpoint  # noqa: E402
 
-DOCS = REPO / "docs" / "PERFORMANCE.md"
-START_MARKER = "<!-- convert-bench:start -->"
-END_MARKER = "<!-- convert-bench:end -->"
+from report import DOCS, cpu_model, ram_gib, write_section  # noqa: E402
+
 SHARD_BYTES = 2 * 10**9          # published checkpoints come in shards of a few GB
 POLL_SECONDS = 0.1               # how often the child's anonymous memory is sampled
 MB, GB = 10**6, 10**9
@@ -102,7 +101,7 @@ def main() -> int:
     report = render_report(results, args.threads)
     print(report)
     if args.write_docs:
-        write_docs_section(report)
+        write_section("convert", report)
         print(f"wrote the converter section of {DOCS.relative_to(REPO)}")
     return 1 if any(run.exit_code for result in results for run in result.runs) else 0
 
@@ -225,7 +224,7 @@ def render_setup(results: list[DepthResult], threads: int) -> str:
     depths = "\n".join(f"- **{r.depth.name}**: {r.depth.describe()}; {r.checkpoint_bytes / GB:.2f} GB of bf16 "
                        f"safetensors in {SHARD_BYTES // GB} GB shards" for r in results)
     return (f"Measured {datetime.date.today().isoformat()} by `python bench/convert_bench.py --write-docs` "
-            f"on {os.cpu_count()} cores ({_cpu_model()}), {_ram_gib():.0f} GiB RAM, {platform.system()}; "
+            f"on {os.cpu_count()} cores ({cpu_model()}), {ram_gib():.0f} GiB RAM, {platform.system()}; "
             f"llama-cpp-python {version('llama-cpp-python')}, gguf {version('gguf')}, "
             f"Python {platform.python_version()}, `--threads {threads}`.\n\n"
             f"Synthetic random checkpoints at the real Llama 3.2 11B Vision widths (4096 hidden, 14336 ffn, "
@@ -279,34 +278,6 @@ def _ratio(numerator: int, denominator: int) -> str:
 
 def _own_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def _ram_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024 / 2**30
-    return 0.0
-
-
-def write_docs_section(report: str) -> None:
-    """Replace what lies between the markers, keeping the rest of the file; append them if absent."""
-    text = DOCS.read_text() if DOCS.exists() else "# Performance\n"
-    section = f"{START_MARKER}\n{report}\n{END_MARKER}"
-    if START_MARKER in text and END_MARKER in text:
-        before, rest = text.split(START_MARKER, 1)
-        after = rest.split(END_MARKER, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
 
 
 if __name__ == "__main__":

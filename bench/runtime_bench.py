@@ -56,9 +56,8 @@ from models import ggml  # noqa: E402
 from convert.pipeline import convert, output_paths  # noqa: E402
 from tests.synthetic_checkpoint import eleven_b_config, tensor_shapes, write_checkpoint  # noqa: E402
 
-DOCS = REPO / "docs" / "PERFORMANCE.md"
-START_MARKER = "<!-- runtime-bench:start -->"
-END_MARKER = "<!-- runtime-bench:end -->"
+from report import DOCS, cpu_model, ram_gib, write_section  # noqa: E402
+
 HEADING = "## Runtime (`load_model`, images, decoding)"
 INTRO = """\
 The issue this answers: with an image bound, decoding must stay close to stock llama.cpp on the same
@@ -244,7 +243,7 @@ def main() -> int:
     print(f"\ntargets: {verdicts.count(True)} PASS, {verdicts.count(False)} FAIL, "
           f"{verdicts.count(None)} not measured")
     if args.write_docs:
-        write_docs_section(report)
+        write_section("runtime", report, f"{HEADING}\n\n{INTRO}")
         print(f"wrote the runtime section of {DOCS.relative_to(REPO)}")
     return 0
 
@@ -710,8 +709,8 @@ def render_setup(r: Results) -> str:
             f"built in {pair.build_seconds:.0f} s and converted in {pair.convert_seconds:.0f} s")
     reference = r.reference.note
     return (f"Measured {datetime.date.today().isoformat()} by `python bench/runtime_bench.py"
-            f"{' --write-docs' if r.depth is FULL else ' --quick'}` on {os.cpu_count()} cores ({_cpu_model()}), "
-            f"{_ram_gib():.0f} GiB RAM, {platform.system()}; llama-cpp-python {version('llama-cpp-python')}, "
+            f"{' --write-docs' if r.depth is FULL else ' --quick'}` on {os.cpu_count()} cores ({cpu_model()}), "
+            f"{ram_gib():.0f} GiB RAM, {platform.system()}; llama-cpp-python {version('llama-cpp-python')}, "
             f"gguf {version('gguf')}, numpy {np.__version__}, Python {platform.python_version()}; HF reference: "
             f"{reference}. Every part runs on {r.threads} threads. The machine is shared with other work, so "
             f"timings are noisy (10–15 % from run to run); compare ratios rather than digits.\n\n"
@@ -879,34 +878,6 @@ def render_targets(r: Results) -> str:
         verdict = "not measured" if passed is None else ("PASS" if passed else "**FAIL**")
         rows.append(f"| {name} | {required} | {measured} | {verdict} |")
     return "\n".join(rows)
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def _ram_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024 / 2**30
-    return 0.0
-
-
-def write_docs_section(report: str) -> None:
-    """Replace what lies between the markers; the first time, add the heading, the intro and the markers."""
-    text = DOCS.read_text() if DOCS.exists() else "# Performance\n"
-    section = f"{START_MARKER}\n{report}\n{END_MARKER}"
-    if START_MARKER in text and END_MARKER in text:
-        before, rest = text.split(START_MARKER, 1)
-        after = rest.split(END_MARKER, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{INTRO}\n\n{section}\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
 
 
 if __name__ == "__main__":

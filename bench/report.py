@@ -1,0 +1,46 @@
+"""What the benchmark scripts share: the machine they ran on, and their sections of docs/PERFORMANCE.md.
+
+Each script owns the text between its two markers (`<!-- NAME-bench:start -->` ... `:end -->`) and
+rewrites only that, so hand-written analysis around the sections survives a rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def ram_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024 / 2**30
+    return 0.0
+
+
+def write_section(name: str, report: str, preamble: str = "") -> None:
+    """Put `report` between the `name` markers; the first time, append `preamble` (heading, intro) and them."""
+    start, end = f"<!-- {name}-bench:start -->", f"<!-- {name}-bench:end -->"
+    text = DOCS.read_text() if DOCS.exists() else "# Performance\n"
+    section = f"{start}\n{report}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + (f"{preamble}\n\n" if preamble else "") + section + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=DOCS.parent, delete=False, suffix=".tmp") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(out.name, DOCS)
