@@ -517,7 +517,6 @@ def start_python(code: str, *args: object) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_during_writes_keeps_every_committed_message_and_a_sound_database(tmp_path: Path) -> None:
     database = tmp_path / "history.sqlite3"
     reported: list[list[str]] = []

@@ -24,7 +24,7 @@ class AttachmentBar(Horizontal):
     path: reactive[Path | None] = reactive(None, recompose=True)
 
     class Removed(Message):
-        pass
+        """The remove button was pressed."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -47,11 +47,9 @@ class ConversationList(Vertical):
             title = conversation.title or f"Conversation {conversation.id}"
             label = f"{title}\n[dim]{snippet}[/]" if snippet else title
             options.add_option(Option(label, id=str(conversation.id)))
-        if self.current is not None:
-            try:
-                options.highlighted = options.get_option_index(str(self.current))
-            except Exception:  # noqa: BLE001  (the current one is filtered out by the search)
-                pass
+        shown = [str(conversation.id) for conversation, _ in found]
+        if self.current is not None and str(self.current) in shown:     # a search may have filtered it out
+            options.highlighted = shown.index(str(self.current))
 
     @property
     def conversation_ids(self) -> list[int]:
