@@ -88,19 +88,29 @@ def test_rename_changes_only_the_title(history: History) -> None:
     assert history.conversation(conversation.id).title == "new title"
 
 
-def test_delete_removes_the_conversation_and_its_messages_but_not_shared_images(
+def test_delete_removes_the_conversation_its_messages_and_images_nothing_else_shows(
         history: History, tmp_path: Path) -> None:
-    image = history.add_image(make_png(tmp_path / "shared.png"))
+    shared = history.add_image(make_png(tmp_path / "shared.png"))
+    private = history.add_image(make_png(tmp_path / "private.png", color="blue"))
     doomed = history.new_conversation("doomed")
     kept = history.new_conversation("kept")
     for conversation in (doomed, kept):
-        history.add_message(conversation.id, "user", "look", image_id=image.id)
+        history.add_message(conversation.id, "user", "look", image_id=shared.id)
+    history.add_message(doomed.id, "user", "and this", image_id=private.id)
+    private_file = history.image_path(private.id)
     history.delete(doomed.id)
     assert [c.id for c in history.list_conversations()] == [kept.id]
     assert count_rows(history.path, "messages") == 1
-    assert history.image_path(image.id).is_file()
+    assert history.image_path(shared.id).is_file()
+    assert not private_file.exists()
+    with pytest.raises(HistoryError):
+        history.image(private.id)
     with pytest.raises(HistoryError):
         history.conversation(doomed.id)
+    shared_file = history.image_path(shared.id)
+    history.delete(kept.id)
+    assert count_rows(history.path, "images") == 0 and not shared_file.exists()
+    assert history.image_path(history.add_image(make_png(tmp_path / "shared.png")).id).is_file()
 
 
 @pytest.mark.parametrize("call", [

@@ -2,7 +2,8 @@
 
 Layout (under `data_dir()`, i.e. $LVA_HOME when set):
     history.sqlite3                 conversations, messages, images, full-text index (schema: migrations.py)
-    images/ab/ab12…ef.png           each image once, named by the sha256 of its bytes
+    images/ab/ab12…ef.png           each image once, named by the sha256 of its bytes; deleting the last
+                                    conversation that shows an image deletes its copy
 
 Why it survives crashes:
 - WAL journal with `synchronous=NORMAL`. A commit is in the write-ahead log before `commit()` returns, so a
@@ -60,6 +61,9 @@ BUSY_TIMEOUT_S = 10.0       # how long a write waits for another process's trans
 EXPORT_FORMAT = "lva-conversation"
 EXPORT_VERSION = 1
 SNIPPET_MARKS = ("**", "**")  # around each matched word in `search` snippets: Markdown bold
+# SQL condition: an image that no conversation and no message refers to
+_UNUSED_IMAGE = ("id NOT IN (SELECT image_id FROM messages WHERE image_id IS NOT NULL)"
+                 " AND id NOT IN (SELECT image_id FROM conversations WHERE image_id IS NOT NULL)")
 # File extension for a Pillow format, where the lower-cased format name is not the usual one.
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg"}
 
@@ -186,10 +190,14 @@ class History:
             return _conversation_in(db, conversation_id)
 
     def delete(self, conversation_id: int) -> None:
-        """Delete a conversation and its messages. Images stay: they are shared by content."""
+        """Delete a conversation, its messages, and the stored images nothing else refers to: a deleted
+        conversation leaves no copy of its pictures behind. An image another conversation shows stays."""
         with self._write() as db:
             _conversation_in(db, conversation_id)
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            unused = db.execute(f"SELECT id, relative_path FROM images WHERE {_UNUSED_IMAGE}").fetchall()
+            db.execute(f"DELETE FROM images WHERE {_UNUSED_IMAGE}")
+        self._remove_image_files(unused)
 
     # --- messages ---
 
@@ -270,9 +278,9 @@ class History:
         image_format, mime, (width, height) = _describe_image(data, name)
         relative_path = f"{sha[:2]}/{sha}{EXTENSIONS.get(image_format, '.' + image_format.lower())}"
         target = self.images_dir / relative_path
-        if not target.is_file():    # written atomically, so a file that is there is whole
-            _write_atomically(target, data)
-        with self._write() as db:   # after the file, so a row never points at a missing file
+        with self._write() as db:   # the lock orders this against another process deleting the same image
+            if not target.is_file():    # written atomically, so a file that is there is whole
+                _write_atomically(target, data)     # before the row, so a row never points at a missing file
             db.execute("INSERT OR IGNORE INTO images (id, name, format, mime, width, height, bytes,"
                        " relative_path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (sha, name, image_format, mime, width, height, len(data), relative_path, _now()))
@@ -412,6 +420,16 @@ class History:
         with self._lock, self._db:
             self._db.execute("BEGIN")
             yield self._db
+
+    def _remove_image_files(self, images: list[tuple[str, str]]) -> None:
+        """Delete the files of images whose rows are gone, after the commit that removed the rows (a row never
+        points at a missing file). Under the write lock, so an `add_image` of the same picture in another
+        process either came first (its row is back, the file stays) or comes after (it writes the file again).
+        A crash in between leaves only a file no row names."""
+        with self._write() as db:
+            for sha, relative_path in images:
+                if not db.execute("SELECT 1 FROM images WHERE id = ?", (sha,)).fetchone():
+                    (self.images_dir / relative_path).unlink(missing_ok=True)
 
     def _markdown_image(self, image: StoredImage) -> str:
         return f"![{image.name or image.id[:12]}]({(self.images_dir / image.relative_path).resolve().as_uri()})"
