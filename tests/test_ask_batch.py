@@ -53,6 +53,15 @@ def test_ask_json_reports_the_answer_and_its_figures(model_path: str) -> None:
     assert "no conversations" in run_lva("history", "list").stdout
 
 
+def test_ask_says_when_the_answer_was_cut_at_max_tokens(model_path: str) -> None:
+    result = run_lva("ask", "--model", model_path, "--max-tokens", "2", "--temperature", "0", "--json",
+                     "--no-history", "Count to a hundred.")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert (answer["completion_tokens"], answer["done_reason"]) == (2, "length")
+    assert "cut at --max-tokens 2" in result.stderr
+
+
 def test_ask_continue_carries_on_the_last_conversation(model_path: str) -> None:
     assert ask(model_path, "--image", str(IMAGES / "rgb_19x27.png"), "Describe it.").returncode == 0
     result = ask(model_path, "--continue", "--json", "And the colours?")
@@ -118,6 +127,7 @@ def test_batch_encodes_each_distinct_image_once(model_path: str, tmp_path: Path)
     records = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(r["id"] for r in records) == ["a", "b", "c"]
     assert all("error" not in r and r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in records)
+    assert all(r["done_reason"] == ("length" if r["completion_tokens"] == 8 else "stop") for r in records)
 
 
 def test_batch_turns_bad_lines_into_error_records_and_goes_on(model_path: str, tmp_path: Path) -> None:

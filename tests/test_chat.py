@@ -112,8 +112,18 @@ def test_stop_keeps_the_partial_answer_marked_stopped(model) -> None:
             threading.Thread(target=engine.stop).start()
             threading.Event().wait(0.05)
     assert replies[-1].status == "stopped" and conversation.turns[-1].status == "stopped"
+    assert replies[-1].done_reason == "stopped"
     assert conversation.turns[-1].text == "".join(pieces)
     assert replies[-1].completion_tokens < 64
+
+
+def test_an_answer_cut_at_max_tokens_says_so(model) -> None:
+    engine = ChatEngine(model)
+    conversation = Conversation(sampling=Sampling(temperature=0.0, max_tokens=3))
+    replies: list = []
+    "".join(engine.send(conversation, "Count to a hundred.", on_reply=replies.append))
+    assert (replies[-1].completion_tokens, replies[-1].done_reason) == (3, "length")
+    assert replies[-1].status == "complete"
 
 
 def test_regenerate_and_edit_answer_again_from_the_right_turn(model) -> None:

@@ -86,6 +86,20 @@ def test_a_sent_message_streams_a_reply_that_is_kept():
     run(scenario)
 
 
+def test_an_answer_cut_at_max_tokens_is_a_notification():
+    install_tiny_model()
+
+    async def scenario():
+        app = LvaApp()
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await ready(pilot)
+            screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=2)
+            await send(pilot, "count to a hundred")
+            assert [(n.title, "limit of 2 tokens" in n.message) for n in app._notifications] == [("Answer cut", True)]
+
+    run(scenario)
+
+
 def test_up_recalls_the_last_prompt_and_ctrl_j_adds_a_line():
     install_tiny_model()
 

@@ -57,6 +57,7 @@ class Reply:
 
     text: str = ""
     status: str = "complete"
+    done_reason: str = "stop"                   # as Ollama says it: stop (end of turn) | length (max_tokens) | stopped
     prompt_tokens: int = 0                      # the whole prompt
     evaluated_tokens: int = 0                   # of those, what the KV cache did not already hold
     completion_tokens: int = 0
@@ -225,6 +226,10 @@ class ChatEngine:
         finally:
             reply.evaluated_tokens = self.model.prompt_tokens_evaluated
             reply.text, reply.status = answer.text, answer.status
+            if answer.status == "stopped":
+                reply.done_reason = "stopped"
+            elif len(tokens) >= conversation.sampling.max_tokens:
+                reply.done_reason = "length"
             reply.completion_tokens, reply.seconds = len(tokens), self.clock() - start
             # What the template writes after an answer closes it, however the answer ended.
             conversation.transcript = ids + tokens + self.model.tokenize(self.end_of_message)

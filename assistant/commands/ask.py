@@ -62,11 +62,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"response": text, "conversation_id": conversation_id, "prompt_tokens": reply.prompt_tokens,
                           "completion_tokens": reply.completion_tokens, "seconds": round(reply.seconds, 3),
-                          "dropped_turns": reply.dropped_turns}))
+                          "dropped_turns": reply.dropped_turns, "done_reason": reply.done_reason}))
     else:
         sys.stdout.write("\n")
     if args.verbose:
         print(f"lva: vision encoder runs: {model.images_encoded}", file=sys.stderr)
+    if reply.done_reason == "length":
+        print(f"lva: the answer was cut at --max-tokens {conversation.sampling.max_tokens}", file=sys.stderr)
     if reply.dropped_turns:
         print(f"lva: the {reply.dropped_turns} oldest turns were left out to fit the context", file=sys.stderr)
     model.close()

@@ -25,7 +25,8 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "batch", help="answer every question of a JSONL file into another JSONL file",
         description='Input lines: {"id", "prompt", "image"?, "system"?, "max_tokens"?, "temperature"?, "seed"?}. '
-                    'Output lines: {"id", "response", "prompt_tokens", "completion_tokens", "seconds", "error"?}. '
+                    'Output lines: {"id", "response", "prompt_tokens", "completion_tokens", "seconds", "done_reason" '
+                    '("stop", or "length" when cut at max_tokens), "error"?}. '
                     "Rerunning with the same --out skips the ids already done. "
                     "Example: lva batch questions.jsonl --out answers.jsonl")
     parser.add_argument("input", type=Path, help="questions, one JSON object per line")
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                     except (ChatError, ValueError) as exc:
                         error = str(exc)
                 if error is not None:
-                    record.update(response=None, prompt_tokens=0, completion_tokens=0, seconds=0.0, error=error)
+                    record.update(response=None, prompt_tokens=0, completion_tokens=0, seconds=0.0, done_reason=None,
+                                  error=error)
                 append_record(out, record)
                 bar.update(1)
     model.close()
@@ -131,4 +133,4 @@ def answer(engine: ChatEngine, question: Question, image: Path | None, base: Sam
     text = "".join(engine.send(conversation, fields["prompt"], image, on_reply=replies.append))
     reply = replies[-1]
     return {"response": text, "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(time.perf_counter() - start, 3), "done_reason": reply.done_reason}

@@ -249,6 +249,10 @@ class ChatScreen(Screen):
             reply = replies[-1]
             status = reply.status
             app.call_from_thread(self.update_status, reply)
+            if reply.done_reason == "length":
+                limit = self.conversation.sampling.max_tokens
+                app.call_from_thread(self.notify, f"The answer reached its limit of {limit} tokens; "
+                                     "Settings (F5) can raise it.", title="Answer cut")
         except (ChatError, ImageError, ModelError, OSError) as error:
             app.call_from_thread(self.notify, str(error), title="Cannot answer", severity="error")
         finally:
