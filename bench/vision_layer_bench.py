@@ -84,7 +84,8 @@ def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, ru
             for weight in (layer.attn_q, layer.attn_k):
                 g.expand(g.mul_mat(weight, x_in))
             h = g.mul_mat(layer.attn_output, g.mul_mat(layer.attn_v, x_in))
-            g.expand(g.linear(g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias)), layer.ffn_down, layer.ffn_down_bias))
+            up = g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias))
+            g.expand(g.linear(up, layer.ffn_down, layer.ffn_down_bias))
         else:
             g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, flash))
         return {x_in: x}
@@ -166,7 +167,8 @@ def print_kernel_rates(backend: ggml.Backend, runs: int, rng: np.random.Generato
     unfused = {only: unfused_attention_seconds(backend, only, runs, rng) for only in (True, False)}
     rows = [("flash attention, F16 K/V, with Meta's mask (tile-major order)", attention_flop, times[True]),
             ("flash attention, F16 K/V, no mask (encoder order)", attention_flop, times[False]),
-            ("unfused BF16, head dim padded to 96: the real queries' Q·Kᵀ products alone", real_flop // 2, unfused[True]),
+            ("unfused BF16, head dim padded to 96: the real queries' Q·Kᵀ products alone", real_flop // 2,
+             unfused[True]),
             ("unfused BF16, head dim padded to 96: the real queries' whole attention", real_flop, unfused[False])]
     print("\n| attention, one layer | GFLOP | s | GFLOP/s |\n|---|--:|--:|--:|")
     for label, flop, seconds in rows:
@@ -177,8 +179,8 @@ def print_kernel_rates(backend: ggml.Backend, runs: int, rng: np.random.Generato
           f"{products_flop / 1e9:.0f} GFLOP / {rates['BF16']:.0f} GFLOP/s)), before norms and activations.")
     if hf_seconds:
         total, target = LAYERS_PER_ENCODE * (attention_flop + products_flop), 0.6 * hf_seconds
-        print(f"The target, 0.6 x HF's {hf_seconds:.1f} s = {target:.1f} s for {total / 1e12:.1f} TFLOP of products and "
-              f"attention, means {total / target / 1e9:.0f} GFLOP/s on average, softmax and norms included.")
+        print(f"The target, 0.6 x HF's {hf_seconds:.1f} s = {target:.1f} s for {total / 1e12:.1f} TFLOP of products "
+              f"and attention, means {total / target / 1e9:.0f} GFLOP/s on average, softmax and norms included.")
 
 
 def main() -> None:
