@@ -67,82 +67,76 @@ def run(scenario) -> None:
     asyncio.run(scenario())
 
 
-def test_a_sent_message_streams_a_reply_that_is_kept():
+def run_chat(scenario) -> None:
+    """The app with the tiny model installed, on its chat screen once the model has loaded."""
     install_tiny_model()
 
-    async def scenario():
+    async def main() -> None:
         app = LvaApp()
         async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            await send(pilot, "hello there")
-            assert [m.text for m in screen.query(UserMessage)] == ["hello there"]
-            assert len(screen.query(AssistantMessage)) == 1
-            assert screen.query_one(PromptInput).text == ""
-            messages = app.history.messages(screen.conversation_id)
-            assert [m.role for m in messages] == ["user", "assistant"]
-            assert messages[1].status in ("complete", "stopped")
-            assert "context" in str(screen.query_one("#status").render())
+            await scenario(app, pilot, await ready(pilot))
+    run(main)
 
-    run(scenario)
+
+def test_a_sent_message_streams_a_reply_that_is_kept():
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await send(pilot, "hello there")
+        assert [m.text for m in screen.query(UserMessage)] == ["hello there"]
+        assert len(screen.query(AssistantMessage)) == 1
+        assert screen.query_one(PromptInput).text == ""
+        messages = app.history.messages(screen.conversation_id)
+        assert [m.role for m in messages] == ["user", "assistant"]
+        assert messages[1].status in ("complete", "stopped")
+        assert "context" in str(screen.query_one("#status").render())
+
+    run_chat(scenario)
 
 
 def test_an_answer_cut_at_max_tokens_is_a_notification():
-    install_tiny_model()
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=2)
+        await send(pilot, "count to a hundred")
+        assert [(n.title, "limit of 2 tokens" in n.message) for n in app._notifications] == [("Answer cut", True)]
 
-    async def scenario():
-        app = LvaApp()
-        async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=2)
-            await send(pilot, "count to a hundred")
-            assert [(n.title, "limit of 2 tokens" in n.message) for n in app._notifications] == [("Answer cut", True)]
-
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_up_recalls_the_last_prompt_and_ctrl_j_adds_a_line():
-    install_tiny_model()
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await send(pilot, "first question")
+        prompt = screen.query_one(PromptInput)
+        await pilot.press("up")
+        assert prompt.text == "first question"
+        prompt.text = "a"
+        prompt.move_cursor((0, 1))
+        await pilot.press("ctrl+j", "b")
+        assert prompt.text == "a\nb"
 
-    async def scenario():
-        async with LvaApp().run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            await send(pilot, "first question")
-            prompt = screen.query_one(PromptInput)
-            await pilot.press("up")
-            assert prompt.text == "first question"
-            prompt.text = "a"
-            prompt.move_cursor((0, 1))
-            await pilot.press("ctrl+j", "b")
-            assert prompt.text == "a\nb"
-
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_pasted_paths_attach_the_image_plain_quoted_with_spaces_and_as_file_uri(tmp_path):
-    install_tiny_model()
     spaced = tmp_path / "my photos" / "a cat.png"
     spaced.parent.mkdir()
     shutil.copy(IMAGE, spaced)
 
-    async def scenario():
-        async with LvaApp().run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            for pasted in (str(IMAGE), f"'{spaced}'", f'"{spaced}"', str(spaced).replace(" ", "\\ "),
-                           spaced.as_uri()):
-                await paste(pilot, pasted)
-                assert screen.attachment == Path(str(spaced) if "cat" in pasted or "%20" in pasted else IMAGE)
-                assert screen.query_one(AttachmentBar).has_class("-attached")
-                assert screen.query_one(PromptInput).text == ""
-            await pilot.press("f4")
-            assert screen.attachment is None
-            await paste(pilot, str(spaced))
-            await send(pilot, "what is this?")
-            user = screen.query_one(UserMessage)
-            assert user.image is not None and screen.attachment is None
-            stored = app_messages(pilot.app, screen.conversation_id)
-            assert stored[0].image_id is not None
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        for pasted in (str(IMAGE), f"'{spaced}'", f'"{spaced}"', str(spaced).replace(" ", "\\ "),
+                       spaced.as_uri()):
+            await paste(pilot, pasted)
+            assert screen.attachment == Path(str(spaced) if "cat" in pasted or "%20" in pasted else IMAGE)
+            assert screen.query_one(AttachmentBar).has_class("-attached")
+            assert screen.query_one(PromptInput).text == ""
+        await pilot.press("f4")
+        assert screen.attachment is None
+        await paste(pilot, str(spaced))
+        await send(pilot, "what is this?")
+        user = screen.query_one(UserMessage)
+        assert user.image is not None and screen.attachment is None
+        stored = app_messages(pilot.app, screen.conversation_id)
+        assert stored[0].image_id is not None
 
-    run(scenario)
+    run_chat(scenario)
 
 
 def app_messages(app, conversation_id):
@@ -156,146 +150,127 @@ def test_ordinary_pasted_text_is_inserted():
 
 
 def test_a_bad_image_path_is_a_notification_and_the_app_stays_alive(tmp_path):
-    install_tiny_model()
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
 
-    async def scenario():
-        app = LvaApp()
-        async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            await paste(pilot, str(tmp_path / "missing.png"))
-            await paste(pilot, str(not_an_image))
-            screen.query_one(PromptInput).text = f"/image {tmp_path / 'nope.jpg'}"
-            await pilot.press("enter")
-            await pilot.pause()
-            assert len(app._notifications) == 3
-            assert all(n.severity == "error" for n in app._notifications)
-            assert screen.attachment is None
-            await send(pilot, "still here?")
-            assert len(screen.query(AssistantMessage)) == 1
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await paste(pilot, str(tmp_path / "missing.png"))
+        await paste(pilot, str(not_an_image))
+        screen.query_one(PromptInput).text = f"/image {tmp_path / 'nope.jpg'}"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert len(app._notifications) == 3
+        assert all(n.severity == "error" for n in app._notifications)
+        assert screen.attachment is None
+        await send(pilot, "still here?")
+        assert len(screen.query(AssistantMessage)) == 1
 
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_esc_stops_an_answer_and_keeps_it_marked_stopped():
-    install_tiny_model()
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=3500)
+        await paste(pilot, str(IMAGE))
+        screen.query_one(PromptInput).text = "describe it at length"
+        await pilot.press("enter")
+        await until(lambda: screen.query(AssistantMessage) and screen.query_one(AssistantMessage).text)
+        await pilot.press("escape")
+        await until(lambda: not screen.generating)
+        await app.workers.wait_for_complete()
+        answer = app.history.messages(screen.conversation_id)[-1]
+        assert answer.role == "assistant" and answer.status == "stopped"
+        assert answer.text == screen.conversation.turns[-1].text != ""
+        assert screen.query_one(AssistantMessage).has_class("-stopped")
 
-    async def scenario():
-        app = LvaApp()
-        async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=3500)
-            await paste(pilot, str(IMAGE))
-            screen.query_one(PromptInput).text = "describe it at length"
-            await pilot.press("enter")
-            await until(lambda: screen.query(AssistantMessage) and screen.query_one(AssistantMessage).text)
-            await pilot.press("escape")
-            await until(lambda: not screen.generating)
-            await app.workers.wait_for_complete()
-            answer = app.history.messages(screen.conversation_id)[-1]
-            assert answer.role == "assistant" and answer.status == "stopped"
-            assert answer.text == screen.conversation.turns[-1].text != ""
-            assert screen.query_one(AssistantMessage).has_class("-stopped")
-
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_conversations_switch_rename_delete_and_search():
-    install_tiny_model()
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await send(pilot, "about apples")
+        first = screen.conversation_id
+        await pilot.press("ctrl+n")
+        await send(pilot, "about bananas")
+        second = screen.conversation_id
+        sidebar = screen.query_one(ConversationList)
+        assert sidebar.conversation_ids == [second, first]
 
-    async def scenario():
-        app = LvaApp()
-        async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            await send(pilot, "about apples")
-            first = screen.conversation_id
-            await pilot.press("ctrl+n")
-            await send(pilot, "about bananas")
-            second = screen.conversation_id
-            sidebar = screen.query_one(ConversationList)
-            assert sidebar.conversation_ids == [second, first]
+        sidebar.query_one(OptionList).focus()
+        sidebar.query_one(OptionList).highlighted = 1
+        await pilot.press("enter")
+        assert screen.conversation_id == first
+        assert [m.text for m in screen.query(UserMessage)] == ["about apples"]
 
-            sidebar.query_one(OptionList).focus()
-            sidebar.query_one(OptionList).highlighted = 1
-            await pilot.press("enter")
-            assert screen.conversation_id == first
-            assert [m.text for m in screen.query(UserMessage)] == ["about apples"]
+        await pilot.press("f2")
+        assert isinstance(app.screen, RenameScreen)
+        app.screen.query_one("Input").value = "Fruit talk"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.history.conversation(first).title == "Fruit talk"
 
-            await pilot.press("f2")
-            assert isinstance(app.screen, RenameScreen)
-            app.screen.query_one("Input").value = "Fruit talk"
-            await pilot.press("enter")
-            await pilot.pause()
-            assert app.history.conversation(first).title == "Fruit talk"
+        await pilot.press("ctrl+f")
+        await pilot.press(*"bananas")
+        await pilot.pause()
+        assert sidebar.conversation_ids == [second]
+        sidebar.query_one("Input").value = ""
+        await pilot.pause()
 
-            await pilot.press("ctrl+f")
-            await pilot.press(*"bananas")
-            await pilot.pause()
-            assert sidebar.conversation_ids == [second]
-            sidebar.query_one("Input").value = ""
-            await pilot.pause()
+        screen.query_one(PromptInput).focus()
+        await pilot.press("f8")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert app.screen is screen and len(app.history.list_conversations()) == 2
+        await pilot.press("f8")
+        await pilot.press("y")
+        await pilot.pause()
+        assert [c.id for c in app.history.list_conversations()] == [second]
+        assert sidebar.conversation_ids == [second]
+        assert screen.conversation_id is None and not screen.query(UserMessage)
+        assert app.screen is screen
 
-            screen.query_one(PromptInput).focus()
-            await pilot.press("f8")
-            assert isinstance(app.screen, ConfirmScreen)
-            await pilot.press("n")
-            assert app.screen is screen and len(app.history.list_conversations()) == 2
-            await pilot.press("f8")
-            await pilot.press("y")
-            await pilot.pause()
-            assert [c.id for c in app.history.list_conversations()] == [second]
-            assert sidebar.conversation_ids == [second]
-            assert screen.conversation_id is None and not screen.query(UserMessage)
-            assert app.screen is screen
-
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_ctrl_r_answers_again_and_ctrl_e_edits_the_last_message_in_the_history_too():
-    install_tiny_model()
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await paste(pilot, str(IMAGE))
+        await send(pilot, "first question")
+        await send(pilot, "second question")
+        before = app.history.messages(screen.conversation_id)
+        assert [m.role for m in before] == ["user", "assistant", "user", "assistant"]
+        old_answer = screen.conversation.turns[3]
 
-    async def scenario():
-        app = LvaApp()
-        async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            await paste(pilot, str(IMAGE))
-            await send(pilot, "first question")
-            await send(pilot, "second question")
-            before = app.history.messages(screen.conversation_id)
-            assert [m.role for m in before] == ["user", "assistant", "user", "assistant"]
-            old_answer = screen.conversation.turns[3]
+        await pilot.press("ctrl+r")
+        await until(lambda: not screen.generating)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        after = app.history.messages(screen.conversation_id)
+        assert [m.id for m in after[:3]] == [m.id for m in before[:3]] and len(after) == 4
+        assert screen.conversation.turns[3] is not old_answer
+        assert after[3].text == screen.conversation.turns[3].text
+        assert len(screen.query(AssistantMessage)) == 2
 
-            await pilot.press("ctrl+r")
-            await until(lambda: not screen.generating)
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            after = app.history.messages(screen.conversation_id)
-            assert [m.id for m in after[:3]] == [m.id for m in before[:3]] and len(after) == 4
-            assert screen.conversation.turns[3] is not old_answer
-            assert after[3].text == screen.conversation.turns[3].text
-            assert len(screen.query(AssistantMessage)) == 2
+        await pilot.press("ctrl+e")
+        prompt = screen.query_one(PromptInput)
+        assert prompt.text == "second question" and prompt.has_class("-editing")
+        await pilot.press("escape")
+        assert screen.editing is None and prompt.text == "" and not prompt.has_class("-editing")
 
-            await pilot.press("ctrl+e")
-            prompt = screen.query_one(PromptInput)
-            assert prompt.text == "second question" and prompt.has_class("-editing")
-            await pilot.press("escape")
-            assert screen.editing is None and prompt.text == "" and not prompt.has_class("-editing")
+        await pilot.press("ctrl+e")
+        prompt.text = "the question, edited"
+        await pilot.press("enter")
+        await until(lambda: not screen.generating)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        edited = app.history.messages(screen.conversation_id)
+        assert [m.text for m in edited[:3]] == ["first question", before[1].text, "the question, edited"]
+        assert len(edited) == 4 and edited[0].image_id is not None
+        assert [m.text for m in screen.query(UserMessage)] == ["first question", "the question, edited"]
+        assert [t.text for t in screen.conversation.turns[:3]] == [m.text for m in edited[:3]]
+        assert screen.editing is None
 
-            await pilot.press("ctrl+e")
-            prompt.text = "the question, edited"
-            await pilot.press("enter")
-            await until(lambda: not screen.generating)
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            edited = app.history.messages(screen.conversation_id)
-            assert [m.text for m in edited[:3]] == ["first question", before[1].text, "the question, edited"]
-            assert len(edited) == 4 and edited[0].image_id is not None
-            assert [m.text for m in screen.query(UserMessage)] == ["first question", "the question, edited"]
-            assert [t.text for t in screen.conversation.turns[:3]] == [m.text for m in edited[:3]]
-            assert screen.editing is None
-
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_reopening_the_app_restores_the_last_conversation_with_its_image():
@@ -338,47 +313,37 @@ def test_without_a_model_the_first_run_screen_says_how_to_get_one():
 
 
 def test_help_lists_every_key_and_the_palette_has_the_actions():
-    install_tiny_model()
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await pilot.press("f1")
+        table = app.screen.query_one("DataTable")
+        keys = {str(table.get_row_at(i)[0]) for i in range(table.row_count)}
+        assert {"escape", "ctrl+n", "ctrl+o", "f2", "f8", "f3", "f5", "ctrl+r", "ctrl+e", "enter"} <= keys
+        await pilot.press("escape")
+        titles = {c.title for c in app.get_system_commands(screen)}
+        assert {"New conversation", "Attach image", "Rename conversation", "Settings", "Models", "Regenerate",
+                "Edit last message"} <= titles
 
-    async def scenario():
-        app = LvaApp()
-        async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            await pilot.press("f1")
-            table = app.screen.query_one("DataTable")
-            keys = {str(table.get_row_at(i)[0]) for i in range(table.row_count)}
-            assert {"escape", "ctrl+n", "ctrl+o", "f2", "f8", "f3", "f5", "ctrl+r", "ctrl+e", "enter"} <= keys
-            await pilot.press("escape")
-            titles = {c.title for c in app.get_system_commands(screen)}
-            assert {"New conversation", "Attach image", "Rename conversation", "Settings", "Models", "Regenerate",
-                    "Edit last message"} <= titles
-
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_settings_apply_to_the_open_conversation():
-    install_tiny_model()
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await pilot.press("f5")
+        settings = app.screen
+        settings.query_one("#temperature").value = "0"
+        settings.query_one("#max_tokens").value = "16"
+        settings.query_one("#seed").value = "7"
+        settings.query_one("#system-prompt").text = "Be brief."
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.screen is screen
+        sampling = screen.conversation.sampling
+        assert (sampling.temperature, sampling.max_tokens, sampling.seed) == (0.0, 16, 7)
+        assert screen.conversation.system_prompt == "Be brief."
+        await send(pilot, "hi")
+        assert app.history.conversation(screen.conversation_id).system_prompt == "Be brief."
 
-    async def scenario():
-        app = LvaApp()
-        async with app.run_test(size=SIZE) as pilot:
-            screen = await ready(pilot)
-            await pilot.press("f5")
-            settings = app.screen
-            settings.query_one("#temperature").value = "0"
-            settings.query_one("#max_tokens").value = "16"
-            settings.query_one("#seed").value = "7"
-            settings.query_one("#system-prompt").text = "Be brief."
-            await pilot.press("ctrl+s")
-            await pilot.pause()
-            assert app.screen is screen
-            sampling = screen.conversation.sampling
-            assert (sampling.temperature, sampling.max_tokens, sampling.seed) == (0.0, 16, 7)
-            assert screen.conversation.system_prompt == "Be brief."
-            await send(pilot, "hi")
-            assert app.history.conversation(screen.conversation_id).system_prompt == "Be brief."
-
-    run(scenario)
+    run_chat(scenario)
 
 
 def test_the_models_screen_lists_installed_models_and_switches():
