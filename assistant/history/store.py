@@ -197,7 +197,8 @@ class History:
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
             unused = db.execute(f"SELECT id, relative_path FROM images WHERE {_UNUSED_IMAGE}").fetchall()
             db.execute(f"DELETE FROM images WHERE {_UNUSED_IMAGE}")
-        self._remove_image_files(unused)
+        if unused:
+            self._remove_image_files(unused)
 
     # --- messages ---
 
