@@ -51,6 +51,15 @@ def installed_models(directory: Path | None = None) -> list[InstalledModel]:
             for (name, quant), towers in sorted(found.items())]
 
 
+def find_vision_file(text_path: Path) -> Path | None:
+    """The vision file written beside a text file by `lva convert` (NAME-text-Q.gguf -> NAME-vision-*.gguf)."""
+    if "-text-" not in text_path.name:
+        return None
+    stem = text_path.name.rsplit("-text-", 1)[0]
+    candidates = sorted(text_path.parent.glob(f"{stem}-vision-*.gguf"))
+    return candidates[0] if candidates else None
+
+
 class ModelNotFound(ValueError):
     """`--model` names nothing usable, or there is no single model to default to; one line for the user."""
 

@@ -17,6 +17,7 @@ import llama_cpp
 import numpy as np
 
 from assistant.images import ImageSource, PreprocessedImage, content_id, load_image, preprocess
+from assistant.store import find_vision_file
 from assistant.runtime.hook import Batch, CrossAttentionHook
 from models import ggml
 from models.gguf_tensors import GGUFError, GGUFTensors
@@ -53,15 +54,6 @@ def _quiet_llama_logs() -> None:
 
 
 _LOG_CALLBACK = None
-
-
-def find_vision_file(text_path: Path) -> Path | None:
-    """The vision file written beside a text file by `lva convert` (NAME-text-Q.gguf -> NAME-vision-*.gguf)."""
-    if "-text-" not in text_path.name:
-        return None
-    stem = text_path.name.rsplit("-text-", 1)[0]
-    candidates = sorted(text_path.parent.glob(f"{stem}-vision-*.gguf"))
-    return candidates[0] if candidates else None
 
 
 class VisionFile:
@@ -104,8 +96,8 @@ class MllamaModel:
         _quiet_llama_logs()
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
-        self.n_batch = min(n_ctx, n_batch)                 # tokens per llama_decode call
-        self.n_ubatch = min(self.n_batch, n_ubatch or n_batch)   # llama.cpp splits each call into these
+        self.n_batch = n_batch                      # tokens per llama_decode call (at most n_ctx)
+        self.n_ubatch = min(n_batch, n_ubatch or n_batch)   # llama.cpp splits each call into these
         self.prompt_tokens_evaluated = 0            # by the last generate call: what the KV cache could not reuse
         self.images_encoded = 0                     # runs of the vision encoder (cache hits do not count)
         self.feature_cache = feature_cache
@@ -167,6 +159,11 @@ class MllamaModel:
     @property
     def bos_token(self) -> int:
         return llama_cpp.llama_vocab_bos(self.vocab)
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context length the model was trained with (`llama.context_length`)."""
+        return llama_cpp.llama_model_n_ctx_train(self._model)
 
     def _attach_vision(self, path: Path, progress: Progress | None) -> None:
         if not path.is_file():
@@ -271,6 +268,18 @@ class MllamaModel:
 
     # ------------------------------------------------------------------------------------------ decoding
 
+    def set_context_length(self, n_ctx: int) -> None:
+        """Decode in contexts of `n_ctx` tokens from now on. A change drops the kept context, so the next
+        prompt is evaluated whole; the weights and encoded images stay."""
+        if n_ctx == self.n_ctx:
+            return
+        if n_ctx < 1:
+            raise ModelError(f"a context of {n_ctx} tokens is too small")
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx, self._ctx_tokens, self._ctx_image = None, [], None
+        self.n_ctx = n_ctx
+
     def _new_context(self, n_ctx: int):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -305,7 +314,7 @@ class MllamaModel:
     def _decode(self, ctx, token_ids: Sequence[int], start: int, outputs: np.ndarray,
                 on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
         """Evaluate `token_ids` at positions start.. in batches; `on_logits(rows, logits)` per batch."""
-        n_batch = self.n_batch
+        n_batch = min(self.n_batch, llama_cpp.llama_n_batch(ctx))
         tokens = np.asarray(token_ids, dtype=np.int32)
         if tokens.size and (tokens.max() > self.image_token_id or tokens.min() < 0 or
                             (tokens.max() == self.image_token_id and self.vision is None)):
@@ -386,12 +395,17 @@ class MllamaModel:
     def generate_tokens(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
                         temperature: float = 0.6, top_p: float = 0.9, top_k: int = 40, min_p: float = 0.05,
                         repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
-                        stop_at_end_of_turn: bool = True, progress: Progress | None = None) -> Iterator[int]:
-        """Sampled token ids, one at a time, with llama.cpp's samplers (temperature <= 0: greedy)."""
+                        grammar: str | None = None, stop_at_end_of_turn: bool = True,
+                        progress: Progress | None = None) -> Iterator[int]:
+        """Sampled token ids, one at a time, with llama.cpp's samplers (temperature <= 0: greedy).
+
+        `grammar` (GBNF, root rule `root`) constrains what may be sampled, e.g. to JSON; the end of the turn is
+        then allowed only where the grammar is complete.
+        """
         if not token_ids:
             raise ModelError("the prompt is empty")
         image_key, _ = self._bind(token_ids, image, progress)
-        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed)
+        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed, grammar)
         try:
             self._prefill(list(token_ids), image_key)
             for _ in range(max_tokens):
@@ -433,9 +447,15 @@ class MllamaModel:
             yield pending
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
-                 repeat_last_n: int, seed: int | None):
+                 repeat_last_n: int, seed: int | None, grammar: str | None = None):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if grammar is not None:
+            constraint = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not constraint:
+                llama_cpp.llama_sampler_free(chain)
+                raise ModelError("the grammar does not parse (llama.cpp refused it)")
+            add(constraint)
         if repeat_penalty != 1.0:
             add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
         if temperature <= 0:
