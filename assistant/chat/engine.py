@@ -1,7 +1,7 @@
 """One conversation with the model: turns, one image, the context window, streaming, stop, regenerate, edit.
 
-The terminal app, `lva ask` and `lva batch` all talk through this. It works with any model that has the
-runtime's interface (`load_model` of a pair, or of a plain text GGUF, which then chats without images).
+The terminal app, `lva ask`, `lva batch` and `lva serve` all talk through this. It works with any model that
+has the runtime's interface (`load_model` of a pair, or of a plain text GGUF, which then chats without images).
 
 The evaluated transcript is kept as token ids: a new turn appends its own tokens after the previous
 prompt and the answer as it was generated, so the KV cache covers everything before it and only the new
@@ -26,6 +26,10 @@ class ChatError(ValueError):
     """Something the user can fix: the message is one line."""
 
 
+class ContextOverflow(ChatError):
+    """The prompt and the room asked for the answer do not fit the context (when turns may not be dropped)."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Per-conversation settings, llama.cpp's samplers."""
@@ -35,8 +39,13 @@ class Sampling:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = DEFAULT_MAX_TOKENS     # None: until the end of the turn or a full context
     seed: int | None = None
+    stop: tuple[str, ...] = ()                      # the answer ends before the first of these strings
+    grammar: str | None = None                      # GBNF the answer must follow (JSON output for the server)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))     # a list when read back from the history's JSON
 
     def generate_args(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "max_tokens"}
@@ -46,7 +55,7 @@ class Sampling:
 class Turn:
     role: str                                   # user | assistant
     text: str
-    image: Path | None = None                   # the image attached at this user turn
+    image: Path | bytes | None = None           # the image attached at this user turn (bytes: sent to lva serve)
     status: str = "complete"                    # assistant turns: complete | stopped
     message_id: int | None = None               # its row in the history, when kept
 
@@ -62,6 +71,7 @@ class Reply:
     evaluated_tokens: int = 0                   # of those, what the KV cache did not already hold
     completion_tokens: int = 0
     seconds: float = 0.0
+    prompt_seconds: float = 0.0                 # of those, until the first token was sampled (image, prompt)
     dropped_turns: int = 0                      # oldest turns left out to fit the context
 
 
@@ -75,6 +85,16 @@ class Conversation:
     transcript: list[int] = field(default_factory=list)   # prompt + answer ids of the last exchange
     transcript_turns: int = 0                             # how many turns `transcript` covers
     last_prompt: list[int] = field(default_factory=list)   # the ids the last answer was generated from
+
+    def take_transcript(self, previous: Conversation) -> None:
+        """Continue from `previous` when this conversation repeats it and adds turns, as a stateless client
+        (`lva serve`) resends its whole conversation: then only the new turns' tokens are evaluated."""
+        done = previous.transcript_turns
+        if not previous.transcript or self.system_prompt != previous.system_prompt or len(self.turns) <= done:
+            return
+        if all((a.role, a.text, a.image) == (b.role, b.text, b.image)
+               for a, b in zip(self.turns[:done], previous.turns[:done])):
+            self.transcript, self.transcript_turns = previous.transcript, done
 
 
 class ChatEngine:
@@ -100,7 +120,8 @@ class ChatEngine:
 
     # ------------------------------------------------------------------------------------------ prompts
 
-    def current_image(self, conversation: Conversation, upto: int | None = None) -> tuple[int | None, Path | None]:
+    def current_image(self, conversation: Conversation,
+                      upto: int | None = None) -> tuple[int | None, Path | bytes | None]:
         """The last image attached before turn `upto`: the model attends to the last image only."""
         for index in range(len(conversation.turns[:upto]) - 1, -1, -1):
             if conversation.turns[index].image is not None:
@@ -121,19 +142,22 @@ class ChatEngine:
             raise ChatError("this model's chat template has no place for an image (is it a vision model?)")
         return self.model.tokenize(text)
 
-    def prompt(self, conversation: Conversation) -> tuple[list[int], Path | None, int]:
+    def prompt(self, conversation: Conversation,
+               drop_turns: bool = True) -> tuple[list[int], Path | bytes | None, int]:
         """Token ids for the next answer, the image they bind, and how many old turns were dropped to fit.
 
-        Oldest turns go first, in user/assistant pairs; the system prompt and the image's turn stay.
+        Oldest turns go first, in user/assistant pairs; the system prompt and the image's turn stay. With
+        `drop_turns` False a conversation that does not fit raises `ContextOverflow` instead.
         """
         turns = list(conversation.turns)
         image_turn, image = self.current_image(conversation)
-        budget = self.model.n_ctx - conversation.sampling.max_tokens
         dropped = 0
         ids = self._incremental(conversation, image_turn)
         if ids is None:
             ids = self._render(conversation, turns, image_turn)
-        while len(ids) > budget:
+        while len(ids) > self._budget(conversation.sampling):
+            if not drop_turns:
+                raise self._overflow(len(ids), conversation.sampling)
             victim = next((i for i in range(len(turns) - 1) if i != image_turn and turns[i].role == "user"), None)
             if victim is None:
                 raise ChatError(f"the message is too long: {len(ids)} tokens, and the context holds "
@@ -145,6 +169,14 @@ class ChatEngine:
             dropped += count
             ids = self._render(conversation, turns, image_turn)
         return ids, image, dropped
+
+    def _budget(self, sampling: Sampling) -> int:
+        """The longest prompt that leaves room for the answer (at least one token)."""
+        return self.model.n_ctx - max(1, sampling.max_tokens or 0)
+
+    def _overflow(self, n_prompt: int, sampling: Sampling) -> ContextOverflow:
+        room = f" and up to {sampling.max_tokens} for the answer" if sampling.max_tokens else ""
+        return ContextOverflow(f"the prompt has {n_prompt} tokens{room}; the context holds {self.model.n_ctx}")
 
     def _incremental(self, conversation: Conversation, image_turn: int | None) -> list[int] | None:
         """The kept transcript + the new turns' tokens, when the template renders the new turns as a suffix."""
@@ -199,40 +231,90 @@ class ChatEngine:
         conversation.transcript, conversation.transcript_turns = [], 0
         return self._answer(conversation, on_reply)
 
+    def answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+        """Answer a conversation whose last turn is the user's, as it stands: a conversation that does not
+        fit the context is refused (`ContextOverflow`), not shortened. For clients that send whole
+        conversations (`lva serve`)."""
+        if not conversation.turns or conversation.turns[-1].role != "user":
+            raise ChatError("the last message must be the user's")
+        if self.current_image(conversation)[1] is not None and getattr(self.model, "vision", None) is None:
+            raise ChatError(f"{self.model.text_path.name} has no vision file, so it cannot look at images")
+        return self._answer(conversation, on_reply, drop_turns=False)
+
+    def complete(self, text: str, image: Path | bytes | None, sampling: Sampling,
+                 on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+        """Continue a raw prompt, no chat template (Ollama's `raw`); `<|image|>` in `text` binds the image."""
+        ids = self.model.tokenize(text)
+        if not ids:
+            raise ChatError("the prompt is empty")
+        if len(ids) > self._budget(sampling):
+            raise self._overflow(len(ids), sampling)
+        reply = Reply(prompt_tokens=len(ids))
+        return self._generate(ids, image, sampling, reply, [], on_reply)
+
     def stop(self) -> None:
         """Ask a running answer to end after the current token; the partial answer is kept, marked stopped."""
         self._stop.set()
 
     def _answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None,
-                prompt: list[int] | None = None) -> Iterator[str]:
-        ids, image, dropped = self.prompt(conversation)
+                prompt: list[int] | None = None, drop_turns: bool = True) -> Iterator[str]:
+        ids, image, dropped = self.prompt(conversation, drop_turns)
         if prompt is not None:
             ids, dropped = prompt, 0
         conversation.last_prompt = ids
         reply = Reply(prompt_tokens=len(ids), dropped_turns=dropped)
         answer = Turn("assistant", "", status="stopped")        # kept as stopped unless it ends by itself
         conversation.turns.append(answer)
+        tokens: list[int] = []
+
+        def close(reply: Reply) -> None:
+            answer.status = reply.status
+            # What the template writes after an answer closes it, however the answer ended.
+            conversation.transcript = ids + tokens + self.model.tokenize(self.end_of_message)
+            # A stop string hides tokens the model did write: then the text is not what the transcript says.
+            exact = self._text_of(tokens) == reply.text
+            conversation.transcript_turns = len(conversation.turns) if dropped == 0 and exact else 0
+            if on_reply:
+                on_reply(reply)
+
+        for piece in self._generate(ids, image, conversation.sampling, reply, tokens, close):
+            answer.text += piece
+            yield piece
+
+    def _generate(self, ids: list[int], image: Path | bytes | None, sampling: Sampling, reply: Reply,
+                  tokens: list[int], on_reply: Callable[[Reply], None] | None) -> Iterator[str]:
+        """Stream the answer to `ids`, keeping its ids in `tokens`; `reply` is complete when `on_reply` sees
+        it, also when the caller stops early or closes the iterator."""
         self._stop.clear()
-        start, tokens = self.clock(), []
+        start = self.clock()
+        max_tokens = sampling.max_tokens if sampling.max_tokens is not None else self.model.n_ctx
+
+        def keep(token: int) -> None:
+            if not tokens:
+                reply.prompt_seconds = self.clock() - start
+            tokens.append(token)
+
+        ended = False                                   # by itself, not stopped
         try:
-            for piece in self.model.generate(ids, image=image, max_tokens=conversation.sampling.max_tokens,
-                                             on_token=tokens.append, **conversation.sampling.generate_args()):
-                answer.text += piece
+            for piece in self.model.generate(ids, image=image, max_tokens=max_tokens, on_token=keep,
+                                             **sampling.generate_args()):
+                reply.text += piece
                 yield piece
                 if self._stop.is_set():
                     break
             else:
-                answer.status = "complete"
+                ended = True
         finally:
             reply.evaluated_tokens = self.model.prompt_tokens_evaluated
-            reply.text, reply.status = answer.text, answer.status
-            if answer.status == "stopped":
-                reply.done_reason = "stopped"
-            elif len(tokens) >= conversation.sampling.max_tokens:
+            if not ended:
+                reply.status, reply.done_reason = "stopped", "stopped"
+            elif len(tokens) >= max_tokens or len(ids) + len(tokens) >= self.model.n_ctx:
                 reply.done_reason = "length"
             reply.completion_tokens, reply.seconds = len(tokens), self.clock() - start
-            # What the template writes after an answer closes it, however the answer ended.
-            conversation.transcript = ids + tokens + self.model.tokenize(self.end_of_message)
-            conversation.transcript_turns = len(conversation.turns) if dropped == 0 else 0
+            if not tokens:
+                reply.prompt_seconds = reply.seconds
             if on_reply:
                 on_reply(reply)
+
+    def _text_of(self, tokens: list[int]) -> str:
+        return b"".join(self.model.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
