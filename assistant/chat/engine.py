@@ -90,7 +90,7 @@ class Conversation:
         """Continue from `previous` when this conversation repeats it and adds turns, as a stateless client
         (`lva serve`) resends its whole conversation: then only the new turns' tokens are evaluated."""
         done = previous.transcript_turns
-        if not previous.transcript or self.system_prompt != previous.system_prompt or len(self.turns) <= done:
+        if not done or self.system_prompt != previous.system_prompt or len(self.turns) <= done:
             return
         if all((a.role, a.text, a.image) == (b.role, b.text, b.image)
                for a, b in zip(self.turns[:done], previous.turns[:done])):
@@ -147,7 +147,8 @@ class ChatEngine:
         """Token ids for the next answer, the image they bind, and how many old turns were dropped to fit.
 
         Oldest turns go first, in user/assistant pairs; the system prompt and the image's turn stay. With
-        `drop_turns` False a conversation that does not fit raises `ContextOverflow` instead.
+        `drop_turns` False a prompt that leaves no room for an answer raises `ContextOverflow` instead, and
+        one that leaves less than max_tokens is kept: its answer ends when the context is full.
         """
         turns = list(conversation.turns)
         image_turn, image = self.current_image(conversation)
@@ -155,9 +156,10 @@ class ChatEngine:
         ids = self._incremental(conversation, image_turn)
         if ids is None:
             ids = self._render(conversation, turns, image_turn)
-        while len(ids) > self._budget(conversation.sampling):
-            if not drop_turns:
-                raise self._overflow(len(ids), conversation.sampling)
+        if not drop_turns:
+            self._check_fits(ids)
+            return ids, image, dropped
+        while len(ids) > self.model.n_ctx - (conversation.sampling.max_tokens or 0):
             victim = next((i for i in range(len(turns) - 1) if i != image_turn and turns[i].role == "user"), None)
             if victim is None:
                 raise ChatError(f"the message is too long: {len(ids)} tokens, and the context holds "
@@ -170,13 +172,10 @@ class ChatEngine:
             ids = self._render(conversation, turns, image_turn)
         return ids, image, dropped
 
-    def _budget(self, sampling: Sampling) -> int:
-        """The longest prompt that leaves room for the answer (at least one token)."""
-        return self.model.n_ctx - max(1, sampling.max_tokens or 0)
-
-    def _overflow(self, n_prompt: int, sampling: Sampling) -> ContextOverflow:
-        room = f" and up to {sampling.max_tokens} for the answer" if sampling.max_tokens else ""
-        return ContextOverflow(f"the prompt has {n_prompt} tokens{room}; the context holds {self.model.n_ctx}")
+    def _check_fits(self, ids: list[int]) -> None:
+        if len(ids) >= self.model.n_ctx:
+            raise ContextOverflow(f"the prompt has {len(ids)} tokens and the context holds {self.model.n_ctx}, "
+                                  "with no room left for an answer")
 
     def _incremental(self, conversation: Conversation, image_turn: int | None) -> list[int] | None:
         """The kept transcript + the new turns' tokens, when the template renders the new turns as a suffix."""
@@ -233,8 +232,8 @@ class ChatEngine:
 
     def answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
         """Answer a conversation whose last turn is the user's, as it stands: a conversation that does not
-        fit the context is refused (`ContextOverflow`), not shortened. For clients that send whole
-        conversations (`lva serve`)."""
+        fit the context is refused (`ContextOverflow`), not shortened, and the answer ends at max_tokens or
+        when the context is full. For clients that send whole conversations (`lva serve`)."""
         if not conversation.turns or conversation.turns[-1].role != "user":
             raise ChatError("the last message must be the user's")
         if self.current_image(conversation)[1] is not None and getattr(self.model, "vision", None) is None:
@@ -247,8 +246,7 @@ class ChatEngine:
         ids = self.model.tokenize(text)
         if not ids:
             raise ChatError("the prompt is empty")
-        if len(ids) > self._budget(sampling):
-            raise self._overflow(len(ids), sampling)
+        self._check_fits(ids)
         reply = Reply(prompt_tokens=len(ids))
         return self._generate(ids, image, sampling, reply, [], on_reply)
 

@@ -23,4 +23,5 @@ def json_grammar(schema: dict[str, Any] | None = None) -> str:
     try:
         return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # noqa: BLE001  (the converter reports bad schemas with asserts and lookups)
-        raise GrammarError(f"the JSON schema cannot be used: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise GrammarError(f"the JSON schema cannot be used: {reason}") from None
