@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list the converted models in the store")
 
-    from assistant.commands import ask, batch, chat, history
+    from assistant.commands import ask, batch, chat, history, serve
 
-    for command in (ask, batch, history, chat):
+    for command in (ask, batch, history, chat, serve):
         command.add_parser(commands)
     return parser
 
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) if args.command in COMMANDS else args.run(args)
     except KeyboardInterrupt:
-        kept = "nothing was kept" if args.command == "convert" else "what was answered so far is kept"
+        kept = {"convert": "nothing was kept", "serve": "the server has stopped"}.get(
+            args.command, "what was answered so far is kept")
         print(f"lva: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001  (only the user-facing kinds below are caught)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from assistant import store
 from assistant.chat.engine import DEFAULT_MAX_TOKENS, Sampling
@@ -27,12 +28,13 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
                     seed=args.seed)
 
 
-def load(args: argparse.Namespace):
-    """The chosen model, loaded; progress on stderr with --verbose."""
+def load(args: argparse.Namespace, text: Path | None = None):
+    """The chosen model (or the text GGUF `text`), loaded with the command line's options; progress on
+    stderr with --verbose."""
     from assistant import load_model
     from assistant.chat.feature_cache import FeatureCache
 
-    text = store.resolve_model(args.model)
+    text = text or store.resolve_model(args.model)
     progress = _report if args.verbose else None
     return load_model(text, n_ctx=args.ctx, n_threads=args.threads, progress=progress, feature_cache=FeatureCache())
 

@@ -1,0 +1,248 @@
+"""Ollama's API (docs/api.md of Ollama; the fields ollama-python's `_types.py` sends and reads).
+
+    POST /api/chat      messages (images: base64), stream (NDJSON, default true), options, format, keep_alive
+    POST /api/generate  prompt, system, images, raw, stream, options, format, keep_alive
+    GET  /api/tags      the models; POST /api/show one model; GET /api/ps the loaded one; GET /api/version
+
+An empty `messages` list or an empty prompt only loads the model (or unloads it with `keep_alive: 0`), as
+Ollama does. `prompt_eval_count` is the prompt tokens actually evaluated, which after KV-cache reuse is
+fewer than the prompt (Ollama reports it the same way); OpenAI's `usage` carries the whole count.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import replace
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from assistant.chat.engine import Sampling
+from assistant.runtime.grammar import GrammarError, json_grammar
+from assistant.server.catalog import Catalog, ServedModel, rfc3339
+from assistant.server.inputs import (ApiError, Message, Schema, check_images, conversation_from,
+                                     image_from_base64)
+from assistant.server.worker import Finished, ModelWorker, RawPrompt, Work
+
+NANOSECONDS = 1_000_000_000
+
+
+class Options(Schema):
+    """Sampling and context options; the others Ollama knows (num_gpu, mirostat, ...) are ignored."""
+
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    seed: int | None = None
+    num_predict: int | None = None                         # < 0: until the end of the answer or a full context
+    num_ctx: Annotated[int, Field(gt=0)] | None = None
+    stop: list[str] | str | None = None
+    repeat_penalty: Annotated[float, Field(gt=0)] | None = None
+
+
+Format = Literal["", "json"] | dict[str, Any] | None        # "json", or a JSON schema
+
+
+class ChatMessage(Schema):
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+
+
+class ChatRequest(Schema):
+    model: str = ""
+    messages: list[ChatMessage] | None = None
+    stream: bool = True
+    format: Format = None
+    options: Options | None = None
+    keep_alive: float | str | None = None
+    tools: list[Any] | None = None
+
+
+class GenerateRequest(Schema):
+    model: str = ""
+    prompt: str = ""
+    system: str = ""
+    images: list[str] | None = None
+    raw: bool = False
+    suffix: str = ""
+    template: str = ""
+    stream: bool = True
+    format: Format = None
+    options: Options | None = None
+    keep_alive: float | str | None = None
+
+
+class ShowRequest(Schema):
+    model: str = ""
+    name: str = ""                                          # older clients' name for `model`
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+async def chat_work(body: ChatRequest, catalog: Catalog, defaults: Sampling) -> Work:
+    model = catalog.find(body.model)
+    if body.messages is None:
+        raise ApiError(400, "messages is required (an empty list loads the model)", param="messages")
+    if body.tools:
+        raise ApiError(400, "tools are not supported: lva serves Llama 3.2 Vision without tool calls", param="tools")
+    keep_alive, options = keep_alive_seconds(body.keep_alive), body.options or Options()
+    if not body.messages:
+        return Work(model, None, keep_alive=keep_alive)
+    messages = [Message(m.role, m.content, [(image_from_base64(image, f"messages[{i}].images[{j}]"),
+                                              f"messages[{i}].images[{j}]") for j, image in enumerate(m.images or [])])
+                for i, m in enumerate(body.messages)]
+    conversation = await conversation_from(messages, sampling(defaults, options, body.format))
+    return Work(model, conversation, options.num_ctx, keep_alive)
+
+
+async def generate_work(body: GenerateRequest, catalog: Catalog, defaults: Sampling) -> Work:
+    model = catalog.find(body.model)
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported: Llama 3.2 Vision has no fill-in-the-middle", param="suffix")
+    if body.template:
+        raise ApiError(400, "template is not supported: lva uses the model's chat template (or raw: true)",
+                       param="template")
+    keep_alive, options = keep_alive_seconds(body.keep_alive), body.options or Options()
+    images = [(image_from_base64(image, f"images[{i}]"), f"images[{i}]") for i, image in enumerate(body.images or [])]
+    if not body.prompt and not images:
+        return Work(model, None, keep_alive=keep_alive)
+    chosen = sampling(defaults, options, body.format)
+    if body.raw:
+        await check_images(images)
+        task = RawPrompt(body.prompt, images[-1][0] if images else None, chosen)
+    else:
+        system = [Message("system", body.system, [])] if body.system else []
+        task = await conversation_from(system + [Message("user", body.prompt, images)], chosen)
+    return Work(model, task, options.num_ctx, keep_alive)
+
+
+def sampling(defaults: Sampling, options: Options, format: Format) -> Sampling:
+    """The server's defaults (the command line's), with what the request sets."""
+    changes: dict[str, Any] = {name: getattr(options, name) for name in
+                               ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+                               if getattr(options, name) is not None}
+    if options.seed is not None:
+        changes["seed"] = options.seed % 2**32 if options.seed >= 0 else None
+    if options.num_predict is not None:
+        changes["max_tokens"] = options.num_predict if options.num_predict >= 0 else None
+    if options.stop is not None:
+        changes["stop"] = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop)
+    if format:
+        try:
+            changes["grammar"] = json_grammar(None if format == "json" else format)
+        except GrammarError as exc:
+            raise ApiError(400, f"format: {exc}", param="format") from None
+    return replace(defaults, **changes)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: float | str | None) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1"); None: stay loaded."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, float):
+        return value
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return sign * float(text)
+    parts = _DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ApiError(400, f"keep_alive: {value!r} is not a duration (such as 300, \"5m\" or \"-1\")",
+                       param="keep_alive")
+    return sign * sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+def _now() -> str:
+    return rfc3339(time.time())
+
+
+class AnswerWriter:
+    """/api/chat's objects; /api/generate's differ only in where the text goes (`GenerateWriter`)."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def _text(self, text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
+
+    def piece(self, text: str) -> bytes:
+        return _line({"model": self.model, "created_at": _now(), **self._text(text), "done": False})
+
+    def end(self, finished: Finished) -> bytes:
+        return _line(self.whole(finished, ""))
+
+    def error(self, message: str) -> bytes:
+        return _line({"error": message})
+
+    def whole(self, finished: Finished, text: str) -> dict:
+        answer = {"model": finished.model, "created_at": _now(), **self._text(text), "done": True,
+                  "done_reason": finished.done_reason}
+        reply = finished.reply
+        if reply is None:                                   # a load or an unload
+            return answer
+        return {**answer, "total_duration": _ns(finished.total_seconds), "load_duration": _ns(finished.load_seconds),
+                "prompt_eval_count": reply.evaluated_tokens, "prompt_eval_duration": _ns(reply.prompt_seconds),
+                "eval_count": reply.completion_tokens, "eval_duration": _ns(reply.seconds - reply.prompt_seconds)}
+
+
+class GenerateWriter(AnswerWriter):
+    def _text(self, text: str) -> dict:
+        return {"response": text}
+
+
+def _line(value: dict) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _ns(seconds: float) -> int:
+    return max(0, round(seconds * NANOSECONDS))
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def _details(model: ServedModel) -> dict:
+    return {"parent_model": "", "format": "gguf", "family": "mllama", "families": ["mllama"],
+            "parameter_size": "", "quantization_level": model.quant}
+
+
+def _entry(model: ServedModel) -> dict:
+    return {"name": model.name, "model": model.name, "modified_at": model.modified_at, "size": model.size,
+            "digest": model.digest, "details": _details(model)}
+
+
+def tags(catalog: Catalog) -> dict:
+    return {"models": [_entry(m) for m in catalog.models()]}
+
+
+def show(catalog: Catalog, body: ShowRequest, defaults: Sampling, n_ctx: int) -> dict:
+    model = catalog.find(body.model or body.name)
+    metadata = model.metadata()
+    parameters = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
+                  "min_p": defaults.min_p, "repeat_penalty": defaults.repeat_penalty, "num_ctx": n_ctx}
+    return {"modelfile": f"# served by lva\nFROM {model.text}\n",
+            "parameters": "\n".join(f"{name:<30} {value}" for name, value in parameters.items()),
+            "template": metadata.pop("tokenizer.chat_template", ""), "details": _details(model),
+            "model_info": metadata, "capabilities": ["completion"] + (["vision"] if model.vision else []),
+            "modified_at": model.modified_at}
+
+
+def running(worker: ModelWorker) -> dict:
+    model = worker.loaded
+    if model is None:
+        return {"models": []}
+    forever = 253402300799.0                                # 9999-12-31: no expiry
+    return {"models": [{**_entry(model), "expires_at": rfc3339(worker.expires_at or forever), "size_vram": 0,
+                        "context_length": worker.context_length}]}
