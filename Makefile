@@ -23,6 +23,7 @@ bench: install
 	$(BIN)/python bench/convert_bench.py
 	$(BIN)/python bench/runtime_bench.py --work /tmp/lva-bench --reuse --write-docs
 	$(BIN)/python bench/chat_bench.py --work /tmp/lva-bench --reuse --write-docs
+	$(BIN)/python bench/server_bench.py --write-docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
