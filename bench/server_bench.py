@@ -180,8 +180,9 @@ def render(rows: list[Row], threads: int, rounds: int) -> str:
         f"Measured {datetime.date.today()} by `python bench/server_bench.py --write-docs` on {os.cpu_count()} cores "
         f"({cpu_model()}), {threads} threads; the tiny test model (tiny-a, F32: 4 self-attention + 3 cross-attention "
         f"layers of width 80), greedy; *image* is the 173×97 PNG of the tests, the JPEG a generated photo-sized one "
-        f"(both encoded once, in the warm-up, on both sides); best of {rounds} interleaved rounds. The machine is shared with other work, so timings are noisy; compare the "
-        "two columns of a row rather than digits across runs.",
+        f"(both encoded once, in the warm-up, on both sides); best of {rounds} interleaved rounds. The machine is "
+        "shared with other work, so timings are noisy; compare the two columns of a row rather than digits across "
+        "runs.",
         "",
         "| request | Python API ms | /v1/chat/completions ms | server overhead ms |",
         "|---|--:|--:|--:|",
