@@ -239,3 +239,14 @@ def test_reads_that_need_no_model_are_answered_while_an_answer_streams(server: L
         assert httpx.get(f"{server.url}/api/ps", timeout=5).json()["models"][0]["model"] == "tiny-a-F32"
         assert not json.loads(next(lines))["done"]     # still streaming
     assert_still_serves(server)
+
+
+def test_a_model_that_cannot_be_loaded_is_a_500_and_the_server_goes_on(home: Path, server: LvaServer) -> None:
+    broken = home / "models" / "broken-text-F32.gguf"
+    broken.write_bytes(b"GGUF but not really")
+    try:
+        response = httpx.post(f"{server.url}/api/chat", json={**chat(USER), "model": "broken"}, timeout=60)
+        assert response.status_code == 500 and "broken-F32 could not be loaded" in response.json()["error"]
+        assert_still_serves(server)                    # tiny-a loads again
+    finally:
+        broken.unlink()

@@ -218,6 +218,7 @@ class ModelWorker:
         try:
             model = self._load(wanted.text)
         except Exception as error:  # noqa: BLE001  (any failure to load is the server's, said in one line)
+            self._log(f"error: {wanted.name} could not be loaded: {error}")
             raise LoadError(f"{wanted.name} could not be loaded: {error}") from error
         try:
             engine = ChatEngine(model)
