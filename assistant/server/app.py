@@ -17,6 +17,7 @@ from importlib import metadata
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -84,7 +85,9 @@ async def running(request: Request) -> Response:
 async def show(request: Request) -> Response:
     server = _server(request)
     body = parse(ollama_api.ShowRequest, await read_body(request))
-    return JSONResponse(ollama_api.show(server.catalog, body, server.defaults, server.worker.context_length))
+    # Reading a GGUF's metadata parses its vocabulary: off the event loop.
+    context_length = server.worker.context_length
+    return JSONResponse(await run_in_threadpool(ollama_api.show, server.catalog, body, server.defaults, context_length))
 
 
 async def chat(request: Request) -> Response:
