@@ -124,7 +124,6 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._serve, name="lva-model-worker", daemon=True)
         self.loaded: ServedModel | None = None
         self.expires_at: float | None = None     # wall-clock time the model unloads; None: stays
-        self.dropped = 0                         # jobs whose client left while they waited
         self._model: MllamaModel | None = None
         self._engine: ChatEngine | None = None
         self._last: Conversation | None = None
@@ -136,13 +135,15 @@ class ModelWorker:
         self._jobs.put(job)
 
     def stop(self) -> None:
-        """Finish the running job, drop the waiting ones, and free the model."""
+        """Stop after the jobs in the queue (at shutdown their clients have gone, so they are dropped), and free
+        the model."""
         self._jobs.put(None)
         self._thread.join()
 
     @property
     def context_length(self) -> int:
-        return self._model.n_ctx if self._model is not None else self.n_ctx
+        model = self._model                      # read once: the worker thread may unload it meanwhile
+        return model.n_ctx if model is not None else self.n_ctx
 
     # ------------------------------------------------------------------------------------------ the thread
 
@@ -157,7 +158,6 @@ class ModelWorker:
             if job is None:
                 break
             if job.cancelled.is_set():
-                self.dropped += 1
                 job._close(dropped=True)
                 continue
             try:
