@@ -87,7 +87,7 @@ def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, ru
             up = g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias))
             g.expand(g.linear(up, layer.ffn_down, layer.ffn_down_bias))
         else:
-            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, flash))
+            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, "flash" if flash else "softmax"))
         return {x_in: x}
     return time_graph(backend, build, runs)
 

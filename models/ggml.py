@@ -127,6 +127,8 @@ for _name, _res, _args in [
     ("ggml_permute", T, [c_void_p, T, c_int, c_int, c_int, c_int]),
     ("ggml_reshape_4d", T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64]),
     ("ggml_view_4d", T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t, c_size_t]),
+    ("ggml_custom_4d", T, [c_void_p, c_int, c_int64, c_int64, c_int64, c_int64, POINTER(c_void_p), c_int, c_void_p,
+                           c_int, c_void_p]),
     # backends
     ("ggml_backend_dev_count", c_size_t, []),
     ("ggml_backend_dev_get", c_void_p, [c_size_t]),
@@ -245,6 +247,7 @@ class Graph:
         if not self.ctx:
             raise MemoryError("ggml_init failed")
         self.graph = _lib.ggml_new_graph_custom(self.ctx, max_nodes, False)
+        self._kept: list[object] = []          # ctypes objects the graph's custom ops point to
 
     def close(self) -> None:
         if self.ctx:
@@ -301,6 +304,17 @@ class Graph:
 
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
         return _lib.ggml_flash_attn_ext(self.ctx, q, k, v, mask, scale, 0.0, 0.0)
+
+    def custom(self, qtype: GGMLQuantizationType, ne: Sequence[int], sources: Sequence[Tensor], function: int,
+               userdata: ctypes.Structure) -> Tensor:
+        """A node computed by a C function of ours, `void f(struct ggml_tensor * dst, int ith, int nth, void *
+        userdata)`, called by every CPU graph thread. The function must be a symbol of a compiled library (a
+        Python callback would serialise the threads on the GIL); `userdata` lives as long as the graph."""
+        self._kept.append(userdata)
+        args = (c_void_p * len(sources))(*sources)
+        full = (*ne, 1, 1, 1)[:4]
+        return _lib.ggml_custom_4d(self.ctx, int(qtype), *full, args, len(sources), function, -1,
+                                   ctypes.addressof(userdata))
 
     # layout
     def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor: return _lib.ggml_concat(self.ctx, a, b, dim)

@@ -20,6 +20,7 @@ from assistant.images import ImageSource, PreprocessedImage, content_id, load_im
 from assistant.runtime.hook import Batch, CrossAttentionHook
 from models import ggml
 from models.gguf_tensors import GGUFError, GGUFTensors
+from models.kernels.attention import KernelError
 from models.mllama import gguf_keys as K
 from models.mllama.cross_attention import Gates
 from models.mllama.hparams import MllamaHParams
@@ -78,7 +79,11 @@ class VisionFile:
                              f"{meta.get('general.architecture')!r})")
         self.pair_id = meta.get(K.PAIR_ID)
         self.hp = MllamaHParams.from_gguf_metadata(meta)
-        self.tower = VisionTower.load(self.tensors, self.hp.vision)
+        try:
+            self.tower = VisionTower.load(self.tensors, self.hp.vision, on_cpu=backend.is_cpu)
+        except KernelError as exc:
+            self.tensors.close()
+            raise ModelError(str(exc)) from None
         self.cross_layers: dict[int, CrossAttentionLayer] = {}
         self.gates: dict[int, Gates] = {}
         for index in self.hp.text.cross_attention_layers:

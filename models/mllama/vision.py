@@ -22,6 +22,7 @@ from models.ggml import F16, F32, Graph, Tensor
 from models.mllama.hparams import MllamaHParams, VisionHParams
 from models.mllama.weights import (CrossAttentionLayer, GlobalVisionLayer, Projector, VisionEmbeddings, VisionLayer,
                                    global_vision_layer_prefixes, vision_layer_prefixes)
+from models.kernels import attention as kernels
 from models.mllama import cross_attention
 
 Progress = Callable[[float], None]
@@ -36,10 +37,10 @@ class VisionTower:
     global_layers: list[GlobalVisionLayer]
     projector: Projector
     gates: dict[str, float]          # pre_tile, position, post_tile, global.{i}.attn, global.{i}.ffn
-    flash_attention: bool            # F16/quantized weights: ggml's flash attention; F32: exact softmax path
+    attention: str                   # how `attend` runs: see `attention_for`
 
     @classmethod
-    def load(cls, tensors, hp: VisionHParams) -> VisionTower:
+    def load(cls, tensors, hp: VisionHParams, on_cpu: bool) -> VisionTower:
         embeddings = tensors.fill(VisionEmbeddings)
         tanh = lambda name: float(np.tanh(np.float32(tensors.scalar(name))))  # noqa: E731
         gates = {"pre_tile": tanh("v.pre_tile_gate"), "position": tanh("v.position_gate"),
@@ -51,8 +52,19 @@ class VisionTower:
             gates[f"global.{i}.attn"] = tanh(prefix + "attn_gate")
             gates[f"global.{i}.ffn"] = tanh(prefix + "ffn_gate")
         layers = [tensors.fill(VisionLayer, vision_layer_prefixes(i)[0]) for i in range(hp.num_hidden_layers)]
-        flash = ggml.struct(layers[0].attn_q).type != int(F32)
-        return cls(embeddings, layers, global_layers, tensors.fill(Projector), gates, flash)
+        attention = attention_for(ggml.struct(layers[0].attn_q).type, hp, on_cpu)
+        return cls(embeddings, layers, global_layers, tensors.fill(Projector), gates, attention)
+
+
+def attention_for(weights_type: int, hp: VisionHParams, on_cpu: bool) -> str:
+    """An F32 tower is the exact one: F32 softmax. Others take our fused kernel on the CPU (its fastest path
+    this CPU runs), else ggml's flash attention, which every backend has."""
+    if weights_type == int(F32):
+        return "softmax"
+    path = kernels.chosen_path() if on_cpu else None
+    if path is None or hp.hidden_size // hp.attention_heads > kernels.max_head_dim():
+        return "flash"
+    return path
 
 
 def padded_patches(hp: VisionHParams) -> int:
@@ -108,35 +120,47 @@ def embed(g: Graph, w: VisionEmbeddings, gates: dict[str, float], hp: VisionHPar
     return g.reshape(x, d, padded_patches(hp) * tiles)
 
 
-def self_attention(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: int, flash: bool) -> Tensor:
+def self_attention(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: int, attention: str) -> Tensor:
     """Attention over tokens in encoder order: the first `real` see every token, the rest only those."""
-    d, heads = hp.hidden_size, hp.attention_heads
-    hd, length = d // heads, ggml.shape(x)[1]
-    heads_of = lambda weight: g.permute(g.reshape(g.mul_mat(weight, x), hd, heads, length), 0, 2, 1)  # noqa: E731
-    q, k, v = heads_of(w.attn_q), heads_of(w.attn_k), heads_of(w.attn_v)          # [hd, L, heads]
-    if flash:
+    q, k, v = (g.mul_mat(weight, x) for weight in (w.attn_q, w.attn_k, w.attn_v))     # [d, L] each
+    return g.mul_mat(w.attn_output, attend(g, q, k, v, hp.attention_heads, real, attention))
+
+
+def attend(g: Graph, q: Tensor, k: Tensor, v: Tensor, heads: int, real: int, attention: str) -> Tensor:
+    """softmax(q kᵀ / √hd) v per head for [d, L] q, k, v in encoder order; [d, L] out.
+
+    `attention` says how: "softmax" is exact (F32 products and ggml's softmax), "flash" is ggml's flash
+    attention with F16 K/V (any backend), anything else is a path of our fused CPU kernel.
+    """
+    d, length = ggml.shape(q)[:2]
+    hd = d // heads
+    if attention not in ("softmax", "flash"):
+        return kernels.fused_attention(g, q, k, v, heads, real, hd ** -0.5, attention)
+    heads_of = lambda t: g.permute(g.reshape(t, hd, heads, length), 0, 2, 1)        # noqa: E731  [hd, L, heads]
+    q, k, v = heads_of(q), heads_of(k), heads_of(v)
+    if attention == "flash":
         k, v = g.cast(k, F16), g.cast(v, F16)
     else:
         k, v = g.cont(k), g.cont(g.permute(v, 1, 0, 2))                            # v: [L, hd, heads]
 
-    def attend(first: int, count: int, keys: int) -> Tensor:
+    def queries(first: int, count: int, keys: int) -> Tensor:
         """Queries first..first+count over the first `keys` tokens: [hd, heads, count]."""
         rows = g.view(q, (hd, count, heads), first * ggml.struct(q).nb[1])
-        if flash:
+        if attention == "flash":
             return g.flash_attn(rows, g.view(k, (hd, keys, heads)), g.view(v, (hd, keys, heads)), None, hd ** -0.5)
         scores = g.soft_max(g.mul_mat(g.view(k, (hd, keys, heads)), rows), None, hd ** -0.5)  # [keys, count, heads]
         return g.permute(g.mul_mat(g.view(v, (keys, hd, heads)), scores), 0, 2, 1)
 
-    out = attend(0, real, length)
+    out = queries(0, real, length)
     if real < length:
-        out = g.concat(out, attend(real, length - real, real), 2)
-    return g.mul_mat(w.attn_output, g.reshape(g.cont(out), d, length))
+        out = g.concat(out, queries(real, length - real, real), 2)
+    return g.reshape(g.cont(out), d, length)
 
 
-def encoder_layer(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: int, flash: bool,
+def encoder_layer(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: int, attention: str,
                   attn_gate: float = 1.0, ffn_gate: float = 1.0) -> Tensor:
     """Pre-norm transformer layer; the global layers scale both branches by their tanh gates."""
-    h = self_attention(g, g.layer_norm(x, w.attn_norm, w.attn_norm_bias, hp.norm_eps), w, hp, real, flash)
+    h = self_attention(g, g.layer_norm(x, w.attn_norm, w.attn_norm_bias, hp.norm_eps), w, hp, real, attention)
     x = g.add(x, g.scale(h, attn_gate) if attn_gate != 1.0 else h)
     h = g.layer_norm(x, w.ffn_norm, w.ffn_norm_bias, hp.norm_eps)
     h = g.linear(g.gelu(g.linear(h, w.ffn_up, w.ffn_up_bias)), w.ffn_down, w.ffn_down_bias)
@@ -240,7 +264,7 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
            cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams, image: Image, kv_type,
            progress: Progress | None = None) -> ImageKV:
     """Run the tower on one preprocessed image and keep K/V for each cross layer."""
-    v, flash = hp.vision, tower.flash_attention
+    v, attention = hp.vision, tower.attention
     length, real = padded_patches(v) * v.max_num_tiles, image.num_tiles * v.num_patches
     saved_at = {layer: k for k, layer in enumerate(v.intermediate_layers_indices)}
 
@@ -259,13 +283,13 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
         def local(g: Graph, x: StageInputs, i=i, layer=layer) -> Tensor:
             if i in saved_at:                                 # Meta keeps the layer's *input*
                 g.expand(g.cpy(hidden, saved[saved_at[i]]))
-            return g.cpy(encoder_layer(g, hidden, layer, v, real, flash), hidden)
+            return g.cpy(encoder_layer(g, hidden, layer, v, real, attention), hidden)
         stages.append(local)
 
     for i, layer in enumerate(tower.global_layers):
         def global_(g: Graph, x: StageInputs, i=i, layer=layer) -> Tensor:
             h = post_norm(g, hidden, tower.embeddings, tower.gates, v, x.ratio, x.tile_of) if i == 0 else hidden
-            return g.cpy(encoder_layer(g, h, layer, v, real, flash, tower.gates[f"global.{i}.attn"],
+            return g.cpy(encoder_layer(g, h, layer, v, real, attention, tower.gates[f"global.{i}.attn"],
                                        tower.gates[f"global.{i}.ffn"]), hidden)
         stages.append(global_)
 
