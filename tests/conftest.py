@@ -32,3 +32,13 @@ def run_lva(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     """`python -m assistant ARGS` in a subprocess: the real command line, exit code and streams."""
     return subprocess.run([sys.executable, "-m", "assistant", *args], capture_output=True, text=True,
                           cwd=REPO_ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say which paths of the attention kernel this CPU runs, so a path never passes unseen by not running."""
+    from models.kernels import attention
+
+    ran = attention.runnable_paths()
+    missing = [path for path in attention.PATHS if path not in ran]
+    terminalreporter.write_line(f"attention kernel paths run on this CPU: {', '.join(ran) or 'none (not built)'}; "
+                                f"not run: {', '.join(missing) or 'none'}")
