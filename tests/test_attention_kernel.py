@@ -2,8 +2,9 @@
 
 Random inputs at the encoder's shapes (16 heads of 80, 1601 to 6432 tokens, both calls of the real-first
 order), odd token counts and the tiny configs' head dims, on 1, 2 and 3 threads. Each path has its own
-bound, measured on the development machine (AMD EPYC, AVX-512 BF16; 2026-11-29) on q, k, v ~ N(0, 1) ("standard": scores of std 1) and with q three times larger
-("peaked": scores of std 3, nearly one-hot rows), max |out - exact| for outputs of std ~1:
+bound, measured on the development machine (AMD EPYC with AVX-512 BF16, 2026-11-29) with q, k, v ~ N(0, 1)
+("standard": scores of std 1) and with q three times larger ("peaked": scores of std 3, nearly one-hot
+rows), as max |out - exact| for outputs of std ~1:
 
 | path | what it rounds | standard | peaked |
 |---|---|--:|--:|
