@@ -174,6 +174,21 @@ def test_quantized_builds_stay_within_their_measured_bound(checkpoint_256: Path,
     assert len(tokens) == 8 and all(0 <= token < vocabulary for token in tokens)
 
 
+def test_the_kv_cache_follows_the_text_weights_unless_asked(tiny_a, tmp_path: Path) -> None:
+    pair, _ = tiny_a
+    half = convert(str(FIXTURES / "mllama" / "tiny-a" / "checkpoint"), tmp_path, quant="F16", progress=False)
+    for text, kv_cache_type, expected in ((pair.text, None, llama_cpp.GGML_TYPE_F32),
+                                          (half.text, None, llama_cpp.GGML_TYPE_F16),
+                                          (pair.text, "f16", llama_cpp.GGML_TYPE_F16)):
+        model = load_model(text, n_ctx=256, kv_cache_type=kv_cache_type)
+        try:
+            assert model.kv_cache_type == expected
+        finally:
+            model.close()
+    with pytest.raises(ModelError, match="unknown KV cache type 'f8'"):
+        load_model(pair.text, kv_cache_type="f8")
+
+
 def test_a_vision_file_of_another_pair_is_refused_naming_both(tiny_a, tmp_path: Path) -> None:
     pair, _ = tiny_a
     other = convert(str(FIXTURES / "mllama" / "tiny-c" / "checkpoint"), tmp_path, quant="F32", progress=False)

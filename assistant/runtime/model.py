@@ -104,7 +104,7 @@ class MllamaModel:
     """See DESIGN.md, "The runtime contract". Not thread-safe: one caller at a time."""
 
     def __init__(self, text_path: Path, vision_path: Path | None, n_ctx: int = 4096, n_threads: int | None = None,
-                 kv_cache_type: str = "f16", n_batch: int = 512, n_ubatch: int | None = None,
+                 kv_cache_type: str | None = None, n_batch: int = 512, n_ubatch: int | None = None,
                  progress: Progress | None = None, feature_cache: FeatureStore | None = None) -> None:
         _quiet_llama_logs()
         llama_cpp.llama_backend_init()
@@ -115,9 +115,11 @@ class MllamaModel:
         self.images_encoded = 0                     # runs of the vision encoder (cache hits do not count)
         self.feature_cache = feature_cache
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type]
+        if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
+            raise ModelError(f"unknown KV cache type {kv_cache_type!r} (one of {', '.join(KV_CACHE_TYPES)})")
         self.text_path = Path(text_path)
         self._model = self._load_text(self.text_path, progress)
+        self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type or self._default_kv_cache_type()]
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.backend = ggml.Backend(self.n_threads)
@@ -149,6 +151,12 @@ class MllamaModel:
         if not model:
             raise ModelError(f"{path.name} could not be loaded by llama.cpp (not a GGUF text model, or truncated)")
         return model
+
+    def _default_kv_cache_type(self) -> str:
+        """F32 weights get an F32 cache, so an F32 pair is exact by default (an F16 cache moves its logits by
+        ~3e-3); everything else gets llama.cpp's F16."""
+        all_f32 = self._text_metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)
+        return "f32" if all_f32 else "f16"
 
     def _text_metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
@@ -484,10 +492,13 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 
 
 def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | None = None, n_ctx: int = 4096,
-               n_threads: int | None = None, kv_cache_type: str = "f16", n_batch: int = 512,
+               n_threads: int | None = None, kv_cache_type: str | None = None, n_batch: int = 512,
                n_ubatch: int | None = None, progress: Progress | None = None,
                feature_cache: FeatureStore | None = None) -> MllamaModel:
-    """Load a converted pair; the vision file is found beside the text file when not given."""
+    """Load a converted pair; the vision file is found beside the text file when not given.
+
+    `kv_cache_type` (f32, f16, q8_0) follows the text weights unless given: F32 for an F32 file, else F16.
+    """
     text_path = Path(text_gguf)
     vision_path = Path(vision_gguf) if vision_gguf is not None else find_vision_file(text_path)
     return MllamaModel(text_path, vision_path, n_ctx=n_ctx, n_threads=n_threads, kv_cache_type=kv_cache_type,
