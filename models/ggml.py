@@ -35,7 +35,8 @@ if llama_cpp.__version__ != PINNED_LLAMA_CPP_PYTHON:
 from llama_cpp._ggml import libggml as _lib  # noqa: E402  (after the version check, on purpose)
 
 Tensor = int                      # a `struct ggml_tensor *`, as ctypes hands it back
-F32, F16, I32 = GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.I32
+F32, F16, BF16, I32 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                      GGMLQuantizationType.I32)
 
 MAX_DIMS, MAX_SRC, MAX_OP_PARAMS, MAX_NAME = 4, 10, 64, 64
 
@@ -155,6 +156,13 @@ for _name, _res, _args in [
     _sig(_name, _res, *_args)
 
 _SET_N_THREADS = ctypes.CFUNCTYPE(None, c_void_p, c_int)
+
+
+class Feature(ctypes.Structure):
+    _fields_ = [("name", c_char_p), ("value", c_char_p)]
+
+
+_GET_FEATURES = ctypes.CFUNCTYPE(POINTER(Feature), c_void_p)
 _GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
 
 
@@ -426,6 +434,24 @@ class Backend:
         return _lib.ggml_backend_dev_buffer_from_host_ptr(self.device, address, size, size) or None
 
 
+def cpu_features() -> dict[str, str]:
+    """What ggml's CPU backend was built to use (AVX2, AVX512_BF16, ...): its kernels use these and no others."""
+    for device, props in _devices():
+        if props.type != DEVICE_CPU:
+            continue
+        reg = _lib.ggml_backend_dev_backend_reg(device)
+        address = _lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
+        if not address:
+            return {}
+        features, found = _GET_FEATURES(address)(reg), {}
+        i = 0
+        while features[i].name:
+            found[features[i].name.decode()] = features[i].value.decode()
+            i += 1
+        return found
+    return {}
+
+
 def free_buffer(buffer: int | None) -> None:
     if buffer:
         _lib.ggml_backend_buffer_free(buffer)
@@ -435,6 +461,28 @@ def place(buffer: int, t: Tensor, address: int) -> None:
     """Point a tensor at `address` inside a buffer made by `Backend.map_host`."""
     if _lib.ggml_backend_tensor_alloc(buffer, t, address) != 0:
         raise RuntimeError(f"could not place {name_of(t)!r} in its mapped buffer")
+
+
+def converted(backend: Backend, scratch: Scratch, tensors: Sequence[Tensor],
+              qtype: GGMLQuantizationType) -> tuple[Graph, int, list[Tensor]]:
+    """Copies of `tensors` in `qtype` in a new buffer on the backend, converted by ggml's own copy op.
+
+    Returns the copies' context and buffer (the caller frees both) and the copies, in order."""
+    held = Graph(len(tensors) + 1)
+    copies = [held.new(qtype, *shape(t)[:_lib.ggml_n_dims(t)], name=name_of(t).decode()) for t in tensors]
+    buffer = backend.alloc(held)
+    work = Graph(2 * len(tensors) + 8)
+    try:
+        for t, copy in zip(tensors, copies):
+            work.expand(work.cpy(t, copy))
+        scratch.run(work)
+    except BaseException:
+        free_buffer(buffer)
+        held.close()
+        raise
+    finally:
+        work.close()
+    return held, buffer, copies
 
 
 class Scratch:

@@ -97,6 +97,7 @@ class VisionFile:
         self.image_token_embedding = np.asarray(info.data, dtype=np.float32).reshape(-1).copy()
 
     def close(self) -> None:
+        self.tower.close()
         self.tensors.close()
 
 
