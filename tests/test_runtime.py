@@ -11,6 +11,7 @@ import pytest
 from gguf import GGUFReader
 
 from assistant import ModelError, load_model
+from assistant.runtime import EncodeCancelled
 from assistant.images import ImageError
 from assistant.runtime.model import _stop_prefix_length
 from convert.pipeline import convert
@@ -175,6 +176,20 @@ def test_quantized_builds_stay_within_their_measured_bound(checkpoint_256: Path,
     exact, _, quantized, tokens = results
     assert np.abs(quantized - exact).max() < QUANT_BOUNDS[quant]
     assert len(tokens) == 8 and all(0 <= token < vocabulary for token in tokens)
+
+
+def test_a_cancelled_encode_keeps_nothing_and_the_next_one_runs(tiny_a) -> None:
+    pair, _ = tiny_a
+    model = load_model(pair.text, n_ctx=256)
+    asked = []
+    try:
+        with pytest.raises(EncodeCancelled):
+            model.encode_image(IMAGES / "rgb_173x97.png", cancelled=lambda: asked.append(1) or len(asked) > 2)
+        assert len(asked) == 3 and model.images_encoded == 0          # it stopped at the third stage
+        model.encode_image(IMAGES / "rgb_173x97.png")
+        assert model.images_encoded == 1
+    finally:
+        model.close()
 
 
 def test_the_kv_cache_follows_the_text_weights_unless_asked(tiny_a, tmp_path: Path) -> None:

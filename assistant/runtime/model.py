@@ -237,8 +237,12 @@ class MllamaModel:
         return preprocess(load_image(image), vision.hp.preprocessing, v.image_size, v.max_num_tiles,
                           v.supported_aspect_ratios)
 
-    def encode_image(self, image: ImageSource, progress: Progress | None = None) -> tuple[str, ImageKV]:
-        """K/V of every cross layer for an image, from the in-memory cache when this image was seen."""
+    def encode_image(self, image: ImageSource, progress: Progress | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> tuple[str, ImageKV]:
+        """K/V of every cross layer for an image, from the in-memory cache when this image was seen.
+
+        `cancelled()` is asked between the encoder's stages (about a second apart on a CPU); when it says
+        True, EncodeCancelled is raised and nothing is kept."""
         vision = self._require_vision()
         picture = load_image(image)
         key = f"{content_id(picture)}:{vision.pair_id}"
@@ -262,7 +266,7 @@ class MllamaModel:
             return key, kv
         kv = encode(self.backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
                     Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
-                    (lambda f: progress("encoding image", f)) if progress else None)
+                    (lambda f: progress("encoding image", f)) if progress else None, cancelled)
         self._images[key] = kv
         self.images_encoded += 1
         if self.feature_cache:

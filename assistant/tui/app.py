@@ -6,6 +6,7 @@ settings for new conversations. The model loads in a worker; `ChatScreen` does t
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from textual import work
@@ -44,6 +45,7 @@ class LvaApp(App):
         self.settings = Settings()
         self.model = None
         self.engine: ChatEngine | None = None
+        self.model_lock = threading.Lock()       # the model runs one worker at a time (encode ahead, answer)
 
     @property
     def model_label(self) -> str:
@@ -96,7 +98,8 @@ class LvaApp(App):
         finally:
             if self.chat is not None:
                 self.call_from_thread(self.chat.show_progress, "", 1.0)
-        self.call_from_thread(self._model_loaded, text_path, model, engine)
+        with self.model_lock:                    # not while the old model is encoding or answering
+            self.call_from_thread(self._model_loaded, text_path, model, engine)
 
     def _model_loaded(self, text_path: Path, model, engine: ChatEngine) -> None:
         old, self.model, self.engine, self.model_path = self.model, model, engine, text_path

@@ -5,8 +5,8 @@ intermediate features are the *inputs* of the listed local layers). Hidden state
 [hidden, tokens] in ggml order; the token axis runs over all tiles, each tile padded to a multiple of 8,
 in encoder order (the real tokens first, see `encoder_order`).
 
-The tower runs in stages (embeddings, each layer, the projection) so a caller sees progress and the
-scratch memory only ever holds one layer's activations.
+The tower runs in stages (embeddings, each layer, the projection) so a caller sees progress, can cancel
+between stages, and the scratch memory only ever holds one layer's activations.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from models.kernels import attention as kernels
 from models.mllama import cross_attention
 
 Progress = Callable[[float], None]
+
+
+class EncodeCancelled(Exception):
+    """The caller's `cancelled()` said so between two stages; nothing of the image is kept."""
 
 
 @dataclass
@@ -291,7 +295,7 @@ class Image:
 
 def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
            cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams, image: Image, kv_type,
-           progress: Progress | None = None) -> ImageKV:
+           progress: Progress | None = None, cancelled: Callable[[], bool] | None = None) -> ImageKV:
     """Run the tower on one preprocessed image and keep K/V for each cross layer."""
     if tower.bf16_products:                       # the first encode makes the BF16 copies (about a second)
         tower.use_bf16_copies(backend, scratch)
@@ -336,6 +340,8 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
 
     try:
         for done, build in enumerate(stages, start=1):
+            if cancelled is not None and cancelled():
+                raise EncodeCancelled("the image encode was cancelled")
             g = Graph()
             inputs = StageInputs(g, image, v)
             g.expand(build(g, inputs))
