@@ -251,6 +251,8 @@ class MllamaModel:
             return key, self._images[key]
         v = vision.hp.vision
         pre = preprocess(picture, vision.hp.preprocessing, v.image_size, v.max_num_tiles, v.supported_aspect_ratios)
+        if progress:
+            progress("encoding image", 0.0)          # preprocessed: the encoder's stages follow
         cached = self.feature_cache.load(key) if self.feature_cache else None
         if cached is not None:
             kv = new_image_kv(self.backend, vision.cross_layers, vision.hp, pre.num_tiles * v.num_patches,
