@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO / "bench"))
 from assistant import load_model  # noqa: E402
 from convert.pipeline import convert, output_paths  # noqa: E402
 from models import ggml  # noqa: E402
-from models.kernels import attention as kernels  # noqa: E402
 from tests.synthetic_checkpoint import write_checkpoint  # noqa: E402
 
 from report import cpu_flags, machine, write_section  # noqa: E402

@@ -115,6 +115,28 @@ def test_an_unknown_lva_attention_is_a_one_line_error(tiny_f16_pair, monkeypatch
     assert "LVA_ATTENTION=fastest" in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_without_the_library_the_encoder_says_so_once_and_keeps_ggml(tiny_f16_pair, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(kernels, "LIBRARY", "models.kernels._not_built")      # as after a failed build
+    monkeypatch.delenv(kernels.ENVIRONMENT, raising=False)
+    for cached in (kernels._library, kernels._warn_once):
+        cached.cache_clear()
+    try:
+        for _ in range(2):
+            model = load_model(tiny_f16_pair.text, n_ctx=256)
+            try:
+                assert model.vision.tower.attention == "flash"
+                ids = model.tokenize("<|begin_of_text|><|image|>hi")
+                assert np.isfinite(model.logits(ids, FIXTURES / "images" / "rgb_173x97.png")).all()
+            finally:
+                model.close()
+    finally:
+        for cached in (kernels._library, kernels._warn_once):
+            cached.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if "fused attention kernel is missing" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "not built" in warnings[0]
+
+
 def test_an_f32_tower_keeps_the_exact_softmax(tmp_path: Path) -> None:
     pair = convert(str(FIXTURES / "mllama" / "tiny-a" / "checkpoint"), tmp_path, quant="F32", progress=False)
     model = load_model(pair.text, n_ctx=256)

@@ -19,6 +19,7 @@ from ctypes import c_float, c_int32, c_size_t
 from models import ggml
 from models.ggml import F32, Graph, Tensor
 
+LIBRARY = "models.kernels._attention"      # attention.c, built by setup.py
 PATHS = {"reference": 0, "avx2": 1, "avx512bf16": 2}
 FASTEST_FIRST = ("avx512bf16", "avx2")        # the reference path is for tests: too slow to be chosen
 ENVIRONMENT = "LVA_ATTENTION"
@@ -38,7 +39,7 @@ class Params(ctypes.Structure):
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """The compiled kernel, or None and why not."""
-    spec = importlib.util.find_spec("models.kernels._attention")
+    spec = importlib.util.find_spec(LIBRARY)
     if spec is None or spec.origin is None:
         return None, "it was not built when lva was installed (no C compiler?)"
     try:
