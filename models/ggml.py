@@ -115,6 +115,7 @@ for _name, _res, _args in [
     ("ggml_norm", T, [c_void_p, T, c_float]),
     ("ggml_rms_norm", T, [c_void_p, T, c_float]),
     ("ggml_gelu_erf", T, [c_void_p, T]),
+    ("ggml_gelu", T, [c_void_p, T]),
     ("ggml_silu", T, [c_void_p, T]),
     ("ggml_soft_max_ext", T, [c_void_p, T, T, c_float, c_float]),
     ("ggml_flash_attn_ext", T, [c_void_p, T, T, T, T, c_float, c_float, c_float]),
@@ -295,6 +296,7 @@ class Graph:
     def scale(self, a: Tensor, s: float) -> Tensor: return _lib.ggml_scale(self.ctx, a, s)
     def mul_mat(self, w: Tensor, x: Tensor) -> Tensor: return _lib.ggml_mul_mat(self.ctx, w, x)
     def gelu(self, a: Tensor) -> Tensor: return _lib.ggml_gelu_erf(self.ctx, a)
+    def gelu_tanh(self, a: Tensor) -> Tensor: return _lib.ggml_gelu(self.ctx, a)     # an F16 table on the CPU
     def silu(self, a: Tensor) -> Tensor: return _lib.ggml_silu(self.ctx, a)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

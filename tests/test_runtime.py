@@ -305,11 +305,15 @@ def test_sampling_is_deterministic_with_a_seed(tiny_a) -> None:
 # Measured on tiny-a, every image case: max |logit - reference| for logits of std ~4 (the F32 tower: 2e-5),
 # by the type the tower's products run in and its attention: ggml's flash attention (F16 K/V), and our
 # kernel's paths (avx2: F16 K/V; avx512bf16: Q, K, V and P in BF16). BF16 products round the activations
-# to BF16 too. An F16 tower runs BF16 products where ggml's CPU backend has AVX512_BF16 (`products_in_bf16`).
-#   F16:  flash 0.020, avx2 0.0084, avx512bf16 0.029        BF16: flash 0.063, avx2 0.073, avx512bf16 0.088
+# to BF16 too. An F16 tower runs BF16 products where ggml's CPU backend has AVX512_BF16 (`products_in_bf16`);
+# a Q8_0 file keeps F16 the rows that do not fit its blocks (tiny-a's 48-wide ones), which then run as BF16.
+# Every non-F32 tower uses ggml's tabulated GELU (`vision.gelu`).
+#   F16:  flash 0.020, avx2 0.0094, avx512bf16 0.036       BF16: flash 0.058, avx2 0.063, avx512bf16 0.068
+#   Q8_0: flash 0.172, avx2 0.188, avx512bf16 0.206
 # Bounds: about 1.5x.
-HALF_VISION_BOUNDS = {("F16", "ggml"): 0.03, ("F16", "avx2"): 0.013, ("F16", "avx512bf16"): 0.045,
-                      ("BF16", "ggml"): 0.09, ("BF16", "avx2"): 0.11, ("BF16", "avx512bf16"): 0.13}
+HALF_VISION_BOUNDS = {("F16", "ggml"): 0.03, ("F16", "avx2"): 0.014, ("F16", "avx512bf16"): 0.054,
+                      ("BF16", "ggml"): 0.087, ("BF16", "avx2"): 0.095, ("BF16", "avx512bf16"): 0.1,
+                      ("Q8_0", "ggml"): 0.26, ("Q8_0", "avx2"): 0.28, ("Q8_0", "avx512bf16"): 0.31}
 
 
 @pytest.mark.parametrize("products, attention", sorted(HALF_VISION_BOUNDS))
