@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def import_model(model: OllamaModel, out_dir: Path, name: str | None = None, for
                      disable=None if progress else True, file=sys.stderr) as bar:
             writer = gguf.GGUFWriter(text_part, "llama")
             llama_metadata(writer, source.hparams.text, source.vocabulary, template or LLAMA_3_2_VISION_INSTRUCT,
-                           file_type=int(source.metadata["general.file_type"]), name=lva_name, source_url=None,
+                           file_type=source.file_type, name=lva_name, source_url=None,
                            license=None, pair_id=pair_id)
             add_metadata(writer, {**provenance, K.CHAT_TEMPLATE_SOURCE: template_source})
             write_gguf(text_part, writer, text_plan, bar)
@@ -114,6 +115,9 @@ def check_blob(blob: Path, size: int, label: str) -> None:
     if not blob.is_file():
         raise OllamaError(f"the manifest of {label} names blob {blob.name}, which is missing from {blob.parent}; "
                           f"pull the model again")
+    if not os.access(blob, os.R_OK):
+        raise OllamaError(f"cannot read {blob} (permission denied); Ollama's Linux service keeps its store for "
+                          f"the ollama user: run lva as a user who can read it")
     actual = blob.stat().st_size
     if actual != size:
         state = "truncated" if actual < size else "larger than its manifest says"
@@ -164,6 +168,7 @@ def plan_vision_tensors(source: OllamaMllamaFile, converter: ConverterVersion) -
     for i in hp.text.cross_attention_layers:
         blocks.append((W.CrossAttentionLayer, (*W.cross_attention_prefixes(i), W.ollama_text_layer_prefix(i)),
                        cross_permuted))
+    _check_position_gates(source)
     plans = []
     for block, prefixes, heads in blocks:
         gates = tanh_gates if block in (W.VisionEmbeddings, W.GlobalVisionLayer) else set()
@@ -172,7 +177,6 @@ def plan_vision_tensors(source: OllamaMllamaFile, converter: ConverterVersion) -
                 plans.append(_gate_from_tanh(source, name))
             else:
                 plans.append(_tensor(source, name, unpermute_heads=heads.get(name.field)))
-    _check_position_gates(source)
     (image_token,) = W.names(W.ImageToken)
     row = source.rows_as_float(image_token.ollama, hp.image_token_id, hp.image_token_id + 1).reshape(-1)
     plans.append(PlannedTensor(image_token.gguf, row.shape, T.F32, array_rows(row)))

@@ -168,13 +168,17 @@ class OllamaMllamaFile:
         return str(template) if template else None
 
     @property
+    def file_type(self) -> int:
+        """llama.cpp's file type id (general.file_type), e.g. 15 for Q4_K_M."""
+        return int(self._key(FILE_TYPE))
+
+    @property
     def quant(self) -> str:
         """The file type as lva names quants: MOSTLY_Q4_K_M -> Q4_K_M, ALL_F32 -> F32."""
         try:
-            name = gguf.LlamaFileType(int(self._key(FILE_TYPE))).name
+            name = gguf.LlamaFileType(self.file_type).name
         except ValueError:
-            raise OllamaError(f"the model blob of {self.label} has an unknown file type "
-                              f"{self.metadata[FILE_TYPE]}") from None
+            raise OllamaError(f"the model blob of {self.label} has an unknown file type {self.file_type}") from None
         return name.split("_", 1)[1]
 
     @cached_property

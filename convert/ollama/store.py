@@ -159,8 +159,12 @@ class OllamaModel:
 
     @property
     def is_legacy_mllama(self) -> bool:
-        """Ollama's own test (server/routes.go since v0.7.0): an mllama family with a projector layer."""
-        return MLLAMA in self.families() and bool(self.manifest.layers_of(PROJECTOR))
+        """Ollama's own test (server/routes.go since v0.7.0): an mllama family with a projector layer.
+
+        Without a config blob to name the family, a projector layer alone says it.
+        """
+        families = self.families()
+        return bool(self.manifest.layers_of(PROJECTOR)) and (MLLAMA in families or not families)
 
 
 def store_roots() -> list[Path]:
