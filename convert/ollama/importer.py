@@ -76,26 +76,36 @@ def import_model(model: OllamaModel, out_dir: Path, name: str | None = None, for
         raise OllamaError(f"cannot create {out_dir}: {e.strerror}") from None
 
     text_plan, vision_plan = plan_text_tensors(source), plan_vision_tensors(source, converter)
-    total = sum(t.nbytes for t in text_plan + vision_plan)
+    total = sum(t.nbytes for t in text_plan + vision_plan)       # the headers are small beside the tensors
     free = shutil.disk_usage(out_dir).free
     if total > free:
         raise OllamaError(f"not enough disk space in {out_dir}: the import needs about {total / 1e9:.1f} GB, "
                           f"{free / 1e9:.1f} GB are free")
-    template = source.chat_template
-    template_source = TEMPLATE_FROM_GGUF if template else TEMPLATE_PUBLISHED
-    provenance = {K.OLLAMA_MODEL: f"{model.name.host}/{model.name.namespace}/{model.name.model}:{model.name.tag}"
-                                  f"@{layer.digest}",
-                  K.OLLAMA_CONVERTER: f"{converter.version}: {converter.evidence}"}
+    template_source = TEMPLATE_FROM_GGUF if source.chat_template else TEMPLATE_PUBLISHED
+    _write_pair(model, source, outputs, text_plan, vision_plan, template_source, progress)
+    return ImportedPair(outputs.text, outputs.vision, converter, template_source)
+
+
+def _write_pair(model: OllamaModel, source: OllamaMllamaFile, outputs: ConvertedPair,
+                text_plan: list[PlannedTensor], vision_plan: list[PlannedTensor], template_source: str,
+                progress: bool) -> None:
+    """Both files as .part, renamed into place together once complete (as `lva convert` writes)."""
+    layer = model.manifest.model_layer(str(model.name))
+    name = model.name
+    provenance = {K.OLLAMA_MODEL: f"{name.host}/{name.namespace}/{name.model}:{name.tag}@{layer.digest}",
+                  K.OLLAMA_CONVERTER: f"{source.converter_version.version}: {source.converter_version.evidence}"}
     pair_id = hashlib.sha256(f"ollama:{layer.digest}".encode()).hexdigest()[:32]
     lva_name = outputs.text.name.rsplit("-text-", 1)[0]
+    out_dir = outputs.text.parent
     try:
         with published_together([outputs.text, outputs.vision]) as (text_part, vision_part), \
-                tqdm(total=total, unit="B", unit_scale=True, desc=f"importing {label}",
-                     disable=None if progress else True, file=sys.stderr) as bar:
+                tqdm(total=sum(t.nbytes for t in text_plan + vision_plan), unit="B", unit_scale=True,
+                     desc=f"importing {name}", disable=None if progress else True, file=sys.stderr) as bar:
             writer = gguf.GGUFWriter(text_part, "llama")
-            llama_metadata(writer, source.hparams.text, source.vocabulary, template or LLAMA_3_2_VISION_INSTRUCT,
-                           file_type=source.file_type, name=lva_name, source_url=None,
-                           license=None, pair_id=pair_id)
+            llama_metadata(writer, source.hparams.text, source.vocabulary,
+                           source.chat_template or LLAMA_3_2_VISION_INSTRUCT,
+                           file_type=source.file_type, name=lva_name, source_url=None, license=None,
+                           pair_id=pair_id)
             add_metadata(writer, {**provenance, K.CHAT_TEMPLATE_SOURCE: template_source})
             write_gguf(text_part, writer, text_plan, bar)
             writer = gguf.GGUFWriter(vision_part, K.ARCHITECTURE)
@@ -107,7 +117,6 @@ def import_model(model: OllamaModel, out_dir: Path, name: str | None = None, for
         if e.errno == errno.ENOSPC:
             raise OllamaError(f"no space left on the device holding {out_dir}; nothing was kept") from None
         raise OllamaError(f"cannot write to {out_dir}: {e.strerror or e}") from None
-    return ImportedPair(outputs.text, outputs.vision, converter, template_source)
 
 
 def check_blob(blob: Path, size: int, label: str) -> None:

@@ -24,26 +24,30 @@ import httpx2
 from tqdm import tqdm
 
 from convert.ollama.importer import LEGACY, ImportedPair, import_model
-from convert.ollama.store import MANIFEST_MEDIA_TYPE, MLLAMA, Layer, Manifest, OllamaError, OllamaModel, OllamaName
+from convert.ollama.store import (DEFAULT_HOST, MANIFEST_MEDIA_TYPE, MLLAMA, Layer, Manifest, OllamaError, OllamaModel,
+                                  OllamaName)
 from convert.pipeline import output_paths
 
 REGISTRY_ENV = "LVA_OLLAMA_REGISTRY"
-DEFAULT_REGISTRY = "https://registry.ollama.ai"
+DEFAULT_REGISTRY = f"https://{DEFAULT_HOST}"
 ATTEMPTS = 4                       # per blob: the first try and three resumes after a cut connection
 RETRY_SECONDS = 0.5
 CHUNK = 1 << 20
 TIMEOUT = httpx2.Timeout(30.0)
 
 
-def registry_url(flag: str | None = None) -> str:
-    return (flag or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY).rstrip("/")
+def registry_url(name: OllamaName, flag: str | None = None) -> str:
+    """--registry, else $LVA_OLLAMA_REGISTRY, else the host the name gives (https, as Ollama's BaseURL)."""
+    if flag or os.environ.get(REGISTRY_ENV):
+        return (flag or os.environ[REGISTRY_ENV]).rstrip("/")
+    return DEFAULT_REGISTRY if name.host == DEFAULT_HOST else f"https://{name.host}"
 
 
 def pull(name_text: str, out_dir: Path, downloads: Path, registry: str | None = None, name: str | None = None,
          force: bool = False, progress: bool = True) -> ImportedPair:
     """Download `name_text` (e.g. `llama3.2-vision:11b`) into `downloads`, import it into `out_dir`."""
     ollama_name = OllamaName.parse(name_text)
-    base = registry_url(registry)
+    base = registry_url(ollama_name, registry)
     with httpx2.Client(follow_redirects=True, timeout=TIMEOUT) as client:
         source = _Registry(client, base, ollama_name)
         model = OllamaModel(ollama_name, Manifest.parse(source.manifest(), str(ollama_name)), downloads)
