@@ -20,7 +20,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from assistant import load_model
-from convert.ollama.importer import import_model
+from convert.ollama.importer import import_model, raw_gate
 from convert.ollama.store import open_model
 from convert.pipeline import convert
 from models.mllama import gguf_keys as K
@@ -276,3 +276,12 @@ def test_lva_import_lists_the_mllama_models_then_imports_one_into_the_store(tmp_
     again = run_lva("import", "llama3.2-vision:tiny", env=env)
     assert_one_line_error(again, "llama3.2-vision-tiny-text-F16.gguf already exists", "--force")
     assert run_lva("import", "llama3.2-vision:tiny", "--force", env=env).returncode == 0
+
+
+def test_a_gate_stored_through_tanh_comes_back_with_the_same_tanh_within_one_float32_step() -> None:
+    """Ollama stored float32 tanh(g); the import writes g' = arctanh, the runtime computes float32 tanh(g')."""
+    raw = np.random.default_rng(0).uniform(-12, 12, 200_000).astype(np.float32)
+    stored = np.tanh(raw.astype(np.float64)).astype(np.float32)        # saturated to ±1 beyond |g| ~ 9
+    back = np.tanh(np.asarray([raw_gate(float(t)) for t in stored], dtype=np.float32))
+    assert np.all(np.isfinite(back))
+    assert np.abs(back.astype(np.float64) - stored).max() <= float(np.spacing(np.float32(1)) / 2)
