@@ -9,6 +9,8 @@ It serves an Ollama store written by tests/ollama_store.py on 127.0.0.1, in the 
 
     with OllamaRegistry(store) as registry:        # LVA_OLLAMA_REGISTRY=registry.url
         registry.cut(digest, after_bytes=1000)     # the next transfer of that blob hangs up after 1000 bytes
+        registry.cut(digest, 1000, times=3)        # ... the next three transfers
+        registry.cut(digest, 1000, then_down=True) # ... and the registry hangs up on every request after that
         registry.corrupt(digest)                   # that blob is served with one byte changed
 """
 
@@ -42,6 +44,8 @@ class OllamaRegistry:
         self.requests: list[Request] = []
         self._cuts: dict[str, list[int]] = {}
         self._corrupt: set[str] = set()
+        self._down_after_cut: set[str] = set()
+        self.down = False
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
@@ -53,10 +57,13 @@ class OllamaRegistry:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def cut(self, digest: str, after_bytes: int, times: int = 1) -> None:
-        """Hang up the next `times` transfers of `digest` after `after_bytes` bytes of their body."""
+    def cut(self, digest: str, after_bytes: int, times: int = 1, then_down: bool = False) -> None:
+        """Hang up the next `times` transfers of `digest` after `after_bytes` bytes of their body; `then_down`:
+        after the last of them, close every connection without an answer, as a registry gone away."""
         with self._lock:
             self._cuts[digest] = [after_bytes] * times
+            if then_down:
+                self._down_after_cut.add(digest)
 
     def corrupt(self, digest: str) -> None:
         with self._lock:
@@ -68,7 +75,12 @@ class OllamaRegistry:
     def _take_cut(self, digest: str) -> int | None:
         with self._lock:
             cuts = self._cuts.get(digest)
-            return cuts.pop() if cuts else None
+            if not cuts:
+                return None
+            cut = cuts.pop()
+            if not cuts and digest in self._down_after_cut:
+                self.down = True
+            return cut
 
     def __enter__(self) -> OllamaRegistry:
         self._thread.start()
@@ -91,6 +103,9 @@ def _handler_for(registry: OllamaRegistry) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             with registry._lock:
                 registry.requests.append(Request("GET", self.path, self.headers.get("Range")))
+            if registry.down:
+                self.close_connection = True            # no answer at all
+                return
             if match := _MANIFEST.match(self.path):
                 path = (registry.store / "manifests" / "registry.ollama.ai" / match["namespace"] / match["model"]
                         / match["tag"])

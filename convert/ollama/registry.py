@@ -6,7 +6,7 @@ The registry speaks the Docker registry v2 layout Ollama's server/images.go uses
     GET {registry}/v2/{namespace}/{model}/blobs/sha256:{hex}   a blob; registry.ollama.ai redirects to a CDN
 
 Blobs land in a downloads folder as `sha256-<hex>-partial`, resume with an HTTP Range request after a cut
-connection (within a run, and in the next run), are checked against their sha256 before anything reads
+connection (at once while bytes keep coming, and in the next run after a failure), are checked against their sha256 before anything reads
 them, and are deleted once the import has written lva's pair. LVA_OLLAMA_REGISTRY (or --registry) points
 at another registry: the tests' local server, or a mirror.
 """
@@ -30,7 +30,7 @@ from convert.pipeline import output_paths
 
 REGISTRY_ENV = "LVA_OLLAMA_REGISTRY"
 DEFAULT_REGISTRY = f"https://{DEFAULT_HOST}"
-ATTEMPTS = 4                       # per blob: the first try and three resumes after a cut connection
+ATTEMPTS = 4                # a cut connection resumes at once; four failures in a row without progress stop
 RETRY_SECONDS = 0.5
 CHUNK = 1 << 20
 TIMEOUT = httpx2.Timeout(30.0)
@@ -91,19 +91,19 @@ class _Registry:
         partial = downloads / f"{layer.blob_name}-partial"
         with tqdm(total=layer.size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"pulling {self.name}",
                   disable=None if progress else True, file=sys.stderr) as bar:
-            error = None
-            for attempt in range(ATTEMPTS):
-                if attempt:
-                    time.sleep(RETRY_SECONDS * attempt)
+            failures = 0                # in a row, without a byte of progress
+            while True:
+                before = _size_of(partial)
                 try:
                     self._download(layer, partial, bar)
                     break
                 except (httpx2.TransportError, httpx2.StreamError) as e:
-                    error = e
-            else:
-                done = partial.stat().st_size if partial.exists() else 0
-                raise OllamaError(f"the download of {self.name} stopped at {_size(done)} of {_size(layer.size)} "
-                                  f"({_reason(error)}); run the same `lva pull` again to resume") from None
+                    failures = 0 if _size_of(partial) > before else failures + 1
+                    if failures >= ATTEMPTS:
+                        raise OllamaError(f"the download of {self.name} stopped at {_size(_size_of(partial))} of "
+                                          f"{_size(layer.size)} ({_reason(e)}); run the same `lva pull` again to "
+                                          f"resume") from None
+                    time.sleep(RETRY_SECONDS * failures)
         if _sha256(partial, progress) != layer.hex:
             partial.unlink()
             raise OllamaError(f"a blob of {self.name} from {self.base} failed its sha256 check ({layer.digest}); "
@@ -113,7 +113,7 @@ class _Registry:
 
     def _download(self, layer: Layer, partial: Path, bar: tqdm) -> None:
         """Append to `partial` from where it stops, with a Range request when it is not empty."""
-        start = partial.stat().st_size if partial.exists() else 0
+        start = _size_of(partial)
         if start > layer.size:
             partial.unlink()
             start = 0
@@ -173,8 +173,7 @@ def _refuse_existing_outputs(model: OllamaModel, out_dir: Path, name: str | None
 
 def _check_disk_space(downloads: Path, out_dir: Path, layer: Layer) -> None:
     """The blob, and lva's pair (about the blob's size) next to it, must fit before a byte is fetched."""
-    partial = downloads / f"{layer.blob_name}-partial"
-    fetched = partial.stat().st_size if partial.exists() else 0
+    fetched = _size_of(downloads / f"{layer.blob_name}-partial")
     download_folder, out_folder = _existing(downloads), _existing(out_dir)
     remaining = layer.size - fetched
     same_device = os.stat(out_folder).st_dev == os.stat(download_folder).st_dev
@@ -205,12 +204,17 @@ def _sha256(path: Path, progress: bool) -> str:
     return digest.hexdigest()
 
 
+def _size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
 def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 \
-        else f"{n_bytes} bytes"
+    if n_bytes >= 1e8:
+        return f"{n_bytes / 1e9:.2f} GB"
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes} bytes"
 
 
-def _reason(error: BaseException | None) -> str:
-    text = str(error) if error is not None else ""
-    return text.splitlines()[0] if text else type(error).__name__ if error else "connection lost"
+def _reason(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
 
