@@ -43,14 +43,11 @@ F16_BOUND = 0.045
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
 
-def ollama_store(root: Path, checkpoint: Path, converter: str, file_type: str, name: str = "llama3.2-vision:tiny"):
-    """A store with one model written as Ollama's `converter` would, and its model blob."""
-    store = root / f"{converter}-{file_type}"
-    return store, write_model(store, checkpoint, name, converter, file_type)
-
-
 def imported(root: Path, checkpoint: Path, converter: str, file_type: str):
-    store, blob = ollama_store(root, checkpoint, converter, file_type)
+    """The pair `lva import` writes from a store holding the checkpoint as Ollama's `converter` wrote it,
+    and that store's model blob."""
+    store = root / f"{converter}-{file_type}"
+    blob = write_model(store, checkpoint, "llama3.2-vision:tiny", converter, file_type)
     return import_model(open_model("llama3.2-vision:tiny", [store]), root / "out", progress=False), blob
 
 
