@@ -333,6 +333,7 @@ def test_without_a_model_the_first_run_screen_says_how_to_get_one():
             await pilot.pause()
             assert isinstance(app.screen, FirstRunScreen)
             text = app.screen.query_one("Markdown").source
+            assert "lva pull llama3.2-vision" in text
             assert "lva convert meta-llama/Llama-3.2-11B-Vision-Instruct" in text
             install_tiny_model()
             await pilot.press("r")
