@@ -25,7 +25,9 @@ from convert.ollama.store import open_model
 from convert.pipeline import convert
 from models.mllama import gguf_keys as K
 from models.mllama import weights as W
+from models.ggml import F16
 from models.mllama.hparams import ImagePreprocessing
+from models.mllama.vision import products_in_bf16
 from tests.conftest import run_lva
 from tests.ollama_store import CONVERTERS, permute_heads, write_model, write_other_model
 from tests.synthetic_checkpoint import small_config, write_checkpoint
@@ -36,10 +38,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = FIXTURES / "images"
 CONFIGS = sorted(p.name for p in (FIXTURES / "mllama").iterdir() if (p / "reference.json").is_file())
 LOGITS_TOLERANCE = 2e-3
-# Measured max |logit - reference| over every case of tiny-a / tiny-b / tiny-c, F16 Ollama files (v0.7.0 and
-# v0.7.1 alike): 0.029 / 0.019 / 0.024; `lva convert --quant F16` of the same checkpoints: 0.027 / 0.019 / 0.023.
-# The bound is 1.5x the worst.
-F16_BOUND = 0.045
+# Measured max |logit - reference| over every case of tiny-a / tiny-b / tiny-c, F16 Ollama files, with the
+# vision tower as the runtime runs it on this CPU (tests/test_runtime.py, HALF_VISION_BOUNDS):
+#   F16 products (no AVX512_BF16): 0.032 / 0.022 / 0.021; `lva convert --quant F16`: 0.031 / 0.030 / 0.023
+#   BF16 products (AVX512_BF16):    0.073 / 0.050 / 0.025; `lva convert --quant F16`: 0.073 / 0.050 / 0.031
+# The bounds are 1.5x the worst.
+F16_BOUND = 0.11 if products_in_bf16(int(F16), on_cpu=True) else 0.05
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
 
