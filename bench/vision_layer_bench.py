@@ -201,8 +201,10 @@ def torch_attention(python: str, threads: int, runs: int) -> dict | str:
 def report(args: argparse.Namespace) -> str:
     backend = ggml.Backend(args.threads)
     rng = np.random.default_rng(0)
-    ours = kernels.chosen_path({})
+    ours = kernels.chosen_path()               # LVA_ATTENTION=avx2 on an AVX-512 CPU: as an AVX2-only CPU would
     paths = [p for p in kernels.FASTEST_FIRST if p in kernels.runnable_paths()]
+    if os.environ.get(kernels.ENVIRONMENT):
+        paths = [p for p in paths if p == ours]
     default_type = "BF16" if vision.products_in_bf16(int(F16), on_cpu=True) else "F16"
     lines = [f"Measured {datetime.date.today().isoformat()} by `python bench/vision_layer_bench.py` on {machine()}, "
              f"{args.threads} threads, best of {args.runs}. One layer: {TOKENS} tokens (4 tiles, the real ones "
