@@ -148,6 +148,7 @@ for _name, _res, _args in [
     ("ggml_backend_dev_get_props", None, [c_void_p, POINTER(DevProps)]),
     ("ggml_backend_dev_supports_op", c_bool, [c_void_p, T]),
     ("ggml_backend_buffer_get_type", c_void_p, [c_void_p]),
+    ("ggml_backend_buffer_is_host", c_bool, [c_void_p]),
     ("ggml_backend_buft_get_device", c_void_p, [c_void_p]),
     # backends
     ("ggml_backend_dev_init", c_void_p, [c_void_p, c_char_p]),
@@ -447,6 +448,8 @@ def device_of(t: Tensor) -> Device | None:
     if not buffer:
         return None
     handle = _lib.ggml_backend_buft_get_device(_lib.ggml_backend_buffer_get_type(buffer))
+    if not handle and _lib.ggml_backend_buffer_is_host(buffer):
+        return cpu_device()                  # the CPU's buffer over a mapped file names no device
     return Device.from_handle(handle) if handle else None
 
 

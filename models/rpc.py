@@ -16,6 +16,7 @@ version, so `add_server` first says hello itself and turns either into a one-lin
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 import struct
 from ctypes import c_char_p, c_size_t, c_void_p
@@ -28,7 +29,6 @@ PROTOCOL_MAJOR, PROTOCOL_MINOR = 7, 0
 HELLO_COMMAND = 14                       # RPC_CMD_HELLO: | cmd (1 byte) | size (8 bytes) | conn_caps (24 bytes) |
 CONNECTION_CAPS_BYTES = 24               # zeros: plain TCP, no transport upgrade
 DEFAULT_PORT = 50052
-LOOPBACK = ("127.0.0.1", "localhost")
 BUILD_HINT = 'rebuild it with CMAKE_ARGS="-DGGML_RPC=on" (README: "GPU builds")'
 
 _ADD_SERVER = ctypes.CFUNCTYPE(c_void_p, c_char_p)
@@ -40,9 +40,20 @@ class RpcError(RuntimeError):
     """An RPC server that cannot be used, or a build without the RPC backend; the message is one line."""
 
 
-def available() -> bool:
-    """Whether this build of ggml has the RPC backend."""
-    return bool(_lib.ggml_backend_reg_by_name(b"RPC"))
+def require() -> None:
+    """Raise RpcError, with how to rebuild, when this build of ggml has no RPC backend."""
+    if not _lib.ggml_backend_reg_by_name(b"RPC"):
+        raise RpcError(f"this llama-cpp-python was built without ggml's RPC backend; {BUILD_HINT}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address (a name other than localhost is not trusted to be)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -115,9 +126,8 @@ def serve(host: str, port: int, devices: list[Device], n_threads: int) -> None:
 
 
 def _proc_address(name: str) -> int:
+    require()
     registry = _lib.ggml_backend_reg_by_name(b"RPC")
-    if not registry:
-        raise RpcError(f"this llama-cpp-python was built without ggml's RPC backend; {BUILD_HINT}")
     address = _lib.ggml_backend_reg_get_proc_address(registry, name.encode())
     if not address:
         raise RpcError(f"ggml's RPC backend has no {name}")

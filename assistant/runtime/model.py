@@ -20,6 +20,7 @@ import numpy as np
 
 from assistant.images import ImageSource, PreprocessedImage, content_id, load_image, preprocess
 from assistant.runtime.hook import Batch, CrossAttentionHook
+from assistant.runtime.devices import offload_devices
 from assistant.runtime.placement import Placement
 from models import ggml, rpc
 from models.gguf_tensors import GGUFError, GGUFTensors
@@ -156,7 +157,10 @@ class MllamaModel:
             raise ModelError(f"unknown KV cache type {kv_cache_type!r} (one of {', '.join(KV_CACHE_TYPES)})")
         self.text_path = Path(text_path)
         self.n_gpu_layers = n_gpu_layers
-        self.offload_devices = offload_devices(rpc_servers)
+        try:
+            self.offload_devices = offload_devices(rpc_servers)
+        except rpc.RpcError as exc:
+            raise ModelError(str(exc)) from None
         self._backends: dict[str, ggml.Backend] = {}
         self._model = None
         self._model, self.placement = self._load_text(self.text_path, progress)
@@ -332,7 +336,10 @@ class MllamaModel:
         pre = preprocess(picture, vision.hp.preprocessing, v.image_size, v.max_num_tiles, v.supported_aspect_ratios)
         cached = self.feature_cache.load(key) if self.feature_cache else None
         if cached is not None:
-            kv = new_image_kv(self.cross_backends, vision.hp, pre.num_tiles * v.num_patches, vision.kv_type)
+            try:
+                kv = new_image_kv(self.cross_backends, vision.hp, pre.num_tiles * v.num_patches, vision.kv_type)
+            except ggml.DeviceError as exc:
+                raise ModelError(f"the image cannot be kept on its device: {exc}") from None
             try:
                 kv.load_arrays(cached)
             except (KeyError, ValueError):                # an entry from another layout: encode instead
@@ -342,11 +349,14 @@ class MllamaModel:
             self._images[key] = kv
             self._evict_images()
             return key, kv
-        kv = encode(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
-                    Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
-                    (lambda f: progress("encoding image", f)) if progress else None)
-        if any(backend is not self.vision_backend for backend in self.cross_backends.values()):
-            kv = kv.moved_to(self.cross_backends, vision.hp)
+        try:
+            kv = encode(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
+                        Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
+                        (lambda f: progress("encoding image", f)) if progress else None)
+            if any(backend is not self.vision_backend for backend in self.cross_backends.values()):
+                kv = kv.moved_to(self.cross_backends, vision.hp)
+        except ggml.DeviceError as exc:
+            raise ModelError(f"the image cannot be encoded: {exc}") from None
         self._images[key] = kv
         self.images_encoded += 1
         if self.feature_cache:
@@ -431,6 +441,8 @@ class MllamaModel:
                                                              dtype=np.int32), wanted))
                 status = llama_cpp.llama_decode(ctx, batch)
                 if self.hook is not None and self.hook.error is not None:
+                    if isinstance(self.hook.error, ggml.DeviceError):
+                        raise ModelError(f"a cross-attention layer cannot run: {self.hook.error}") from None
                     raise self.hook.error
                 if status != 0:
                     raise ModelError(f"llama.cpp could not evaluate the prompt (status {status}; "
@@ -581,25 +593,6 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
-
-
-def offload_devices(rpc_servers: Sequence[str] = ()) -> list[ggml.Device]:
-    """The devices llama.cpp may offload to, in its own default order: the given RPC servers' devices, then
-    this machine's GPUs (one device per physical card; integrated GPUs only when there is no other).
-
-    Passed to llama.cpp explicitly, so an RPC server added earlier in the process is used only when asked for.
-    """
-    try:
-        remote = [device for endpoint in rpc_servers for device in rpc.add_server(endpoint)]
-    except rpc.RpcError as exc:
-        raise ModelError(str(exc)) from None
-    local = [d for d in ggml.devices() if d.backend != "RPC"]
-    gpus: list[ggml.Device] = []
-    for device in (d for d in local if d.kind == ggml.DEVICE_GPU):
-        if device.device_id is None or device.device_id not in {g.device_id for g in gpus}:
-            gpus.append(device)
-    igpus = [d for d in local if d.kind == ggml.DEVICE_IGPU]
-    return remote + (gpus or [d for d in igpus if d.backend == igpus[0].backend])
 
 
 def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | None = None, n_ctx: int = 4096,
