@@ -512,9 +512,12 @@ class Backend:
             return
         for i in range(graph.n_nodes):
             node = _lib.ggml_graph_node(graph.graph, i)
-            if not _lib.ggml_backend_dev_supports_op(self.device.handle, node):
-                raise DeviceError(f"the ggml op {_lib.ggml_op_desc(node).decode()} is not supported on {self.name} "
-                                  f"({self.description}); run on the CPU with --gpu-layers 0")
+            op = _lib.ggml_op_desc(node).decode()
+            # A custom op is a function pointer into this process's CPU code: no other device can run it
+            # (an RPC device would say it can, and crash its server).
+            if "CUSTOM" in op or not _lib.ggml_backend_dev_supports_op(self.device.handle, node):
+                raise DeviceError(f"the ggml op {op} is not supported on {self.name} ({self.description}); "
+                                  f"run on the CPU with --gpu-layers 0")
 
     def map_host(self, address: int, size: int) -> int | None:
         """A buffer over host memory (an mmap'd file), when the device can read it in place."""

@@ -29,7 +29,7 @@ PROTOCOL_MAJOR, PROTOCOL_MINOR = 7, 0
 HELLO_COMMAND = 14                       # RPC_CMD_HELLO: | cmd (1 byte) | size (8 bytes) | conn_caps (24 bytes) |
 CONNECTION_CAPS_BYTES = 24               # zeros: plain TCP, no transport upgrade
 DEFAULT_PORT = 50052
-BUILD_HINT = 'rebuild it with CMAKE_ARGS="-DGGML_RPC=on" (README: "GPU builds")'
+BUILD_HINT = 'rebuild it with CMAKE_ARGS="-DGGML_RPC=on" (README: "GPUs")'
 
 _ADD_SERVER = ctypes.CFUNCTYPE(c_void_p, c_char_p)
 _START_SERVER = ctypes.CFUNCTYPE(None, c_char_p, c_char_p, c_size_t, c_size_t, ctypes.POINTER(c_void_p))

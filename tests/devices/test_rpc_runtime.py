@@ -12,6 +12,8 @@ for full, partial and no offload, one or two servers, small ubatches and KV reus
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -185,3 +187,36 @@ def test_image_kv_from_the_feature_cache_goes_to_the_devices(fixtures, rpc_serve
     assert encoded == 0                                    # the second model read the cache
     assert np.array_equal(logits[0], logits[1])
     assert np.array_equal(logits[0], cpu_logits(fixture, case))
+
+
+CUSTOM1 = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+
+
+def run_custom_op(device: ggml.Device, kernel) -> None:
+    """A one-node graph: ggml_map_custom1 with a kernel from this process, on a device."""
+    map_custom1 = ggml._lib.ggml_map_custom1
+    map_custom1.restype = ctypes.c_void_p
+    map_custom1.argtypes = [ctypes.c_void_p, ctypes.c_void_p, CUSTOM1, ctypes.c_int, ctypes.c_void_p]
+    backend = ggml.Backend(1, device)
+    scratch, graph = ggml.Scratch(backend), ggml.Graph(16)
+    try:
+        x = graph.input(ggml.F32, 4, name="x")
+        graph.output(map_custom1(graph.ctx, x, kernel, 1, None))
+        scratch.run(graph, {x: np.zeros(4, dtype=np.float32)})
+    finally:
+        graph.close()
+        scratch.close()
+        backend.close()
+
+
+def test_a_custom_cpu_op_is_refused_on_the_device_in_one_line(rpc_server) -> None:
+    """lva's own CPU kernels are custom ops: function pointers into this process, which only its CPU can call.
+    The RPC device claims every op, so the runtime itself must keep them off it."""
+    calls: list[int] = []
+    kernel = CUSTOM1(lambda dst, src, ith, nth, userdata: calls.append(ith))
+    run_custom_op(ggml.cpu_device(), kernel)
+    assert calls == [0]
+    with pytest.raises(ggml.DeviceError, match=rf"^the ggml op MAP_CUSTOM1 is not supported on "
+                                               rf"{rpc_server.device} \({rpc_server.endpoint}\)"):
+        run_custom_op(ggml.device_named(rpc_server.device), kernel)
+    assert calls == [0]
