@@ -7,7 +7,9 @@ rows and image K/V on RPC devices, and checks two things:
   would be lva's doing (a row lost crossing the socket, a layer skipped, a stale K/V).
 Measured on the development machine (AMD EPYC, AVX-512), max |logit - reference| over every case:
 tiny-a 1.9e-5, tiny-b 2.1e-5, tiny-c 2.1e-5, the same as on the CPU; difference from the CPU path: 0.0,
-for full, partial and no offload, one or two servers, small ubatches and KV reuse.
+for full, partial and no offload, one or two servers, small ubatches and KV reuse. An F16 vision tower on
+the device (ggml's flash attention; the CPU takes our own kernel instead): 0.020, under the 0.03 bound of
+that path.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from convert.pipeline import convert
 from models import ggml
 from tests.devices.conftest import FIXTURES, Fixture, image_path
 from tests.synthetic_checkpoint import small_config, write_checkpoint
+from tests.test_runtime import HALF_VISION_BOUNDS
 
 LOGITS_TOLERANCE = 2e-3          # tests/test_runtime_parity.py's bound: the device is held to the CPU's standard
 CONFIGS = ["tiny-a", "tiny-b", "tiny-c"]
@@ -187,6 +190,28 @@ def test_image_kv_from_the_feature_cache_goes_to_the_devices(fixtures, rpc_serve
     assert encoded == 0                                    # the second model read the cache
     assert np.array_equal(logits[0], logits[1])
     assert np.array_equal(logits[0], cpu_logits(fixture, case))
+
+
+def test_an_f16_vision_tower_on_the_device_runs_ggml_flash_attention_not_the_cpu_kernel(fixtures, tmp_path,
+                                                                                      rpc_server) -> None:
+    """Our fused attention kernel and the BF16 copies are for the CPU; a device runs ggml's flash attention on
+    the F16 weights, held to the bound measured for that path on the CPU (tests/test_runtime.py)."""
+    fixture = fixtures["tiny-a"]
+    pair = convert(str(FIXTURES / "mllama" / "tiny-a" / "checkpoint"), tmp_path, quant="F32", vision_quant="F16",
+                   progress=False)
+    model = load_model(pair.text, n_ctx=256, rpc_servers=[rpc_server.endpoint])
+    try:
+        tower = model.vision.tower
+        assert model.placement.vision == rpc_server.device
+        assert tower.attention == "flash" and not tower.bf16_products
+        worst = 0.0
+        for case in fixture.cases(with_image=True):
+            logits = model.logits(case["token_ids"], image_path(case))
+            worst = max(worst, float(np.abs(logits - fixture.expected[f"logits/{case['name']}"]).max()))
+        assert worst < HALF_VISION_BOUNDS["F16", "ggml"]
+        assert ggml.struct(tower.layers[0].attn_q).type == int(ggml.F16)
+    finally:
+        model.close()
 
 
 CUSTOM1 = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
