@@ -49,14 +49,14 @@ from models import ggml, rpc  # noqa: E402
 from report import cpu_model, ram_gib, write_section  # noqa: E402
 from runtime_bench import Depth, build_prompts, make_image, prepare_pair  # noqa: E402
 
-HEADING = "## Devices (the RPC backend: what crossing a device costs per token)"
+HEADING = "## Devices (GPUs; ggml's RPC backend as the test bed)"
 INTRO = """\
 lva's hook moves rows between llama.cpp's device and the host at every cross-attention layer of every
-decoded token. This section measures that on ggml's RPC backend, whose memory is another process's
-(every tensor get and set crosses a socket, as over PCIe on a GPU), against the CPU in the same run.
-To rerun (in the RPC build that `make test-devices` makes):
+decoded token. `bench/device_bench.py` measures that on ggml's RPC backend against the CPU in the same run
+(in the RPC build that `make test-devices` makes):
 
     .venv-rpc/bin/python bench/device_bench.py --work /tmp/lva-bench --reuse --write-docs"""
+GPU_HEADING = "### On a GPU (`bench/device_bench.py --on gpu`, from `bench/gpu_check.sh`)"
 
 DEPTH = Depth("devices", 16, tuple(range(1, 16, 2)), 1, 1)      # 8 self layers, a cross layer after each
 N_CTX = 512
@@ -151,7 +151,10 @@ def main() -> int:
     report = render(steps, pair, args)
     print(report)
     if args.write_docs:
-        write_section("device" if args.on == "rpc" else "device-gpu", report, f"{HEADING}\n\n{INTRO}")
+        if args.on == "rpc":
+            write_section("device", report, f"{HEADING}\n\n{INTRO}")
+        else:
+            write_section("device-gpu", report, GPU_HEADING)
     return 0
 
 
@@ -256,16 +259,18 @@ def render(steps: dict[str, Step], pair, args: argparse.Namespace) -> str:
     own = ms(device.decode_text) - ms(cpu.decode_text)
     return (f"Measured {datetime.date.today().isoformat()} by `bench/device_bench.py` on {os.cpu_count()} cores "
             f"({cpu_model()}), {ram_gib():.0f} GiB RAM, {platform.system()}; llama-cpp-python "
-            f"{version('llama-cpp-python')} (backends: {', '.join(build().backends)}); {args.threads} CPU threads; best "
-            f"of {args.rounds} interleaved rounds of {args.decode_tokens} tokens. The machine is shared with other "
-            f"work (and an RPC server shares its cores with the client), so the figures are noisy.\n\n"
+            f"{version('llama-cpp-python')} (backends: {', '.join(build().backends)}); {args.threads} CPU threads; "
+            f"best of {args.rounds} interleaved rounds of {args.decode_tokens} tokens. The machine is shared with "
+            f"other work (and an RPC server shares its cores with the client), so the figures are noisy.\n\n"
             f"Model: {DEPTH.describe()} at 11B widths, {pair.text.stat().st_size / 2**30:.2f} GiB text + "
             f"{pair.vision.stat().st_size / 2**30:.2f} GiB vision file (Q4_K_M). On the device every text layer, "
             f"the cross layers and the image K/V live in its memory.\n\n" + "\n".join(table) + "\n\n"
-            f"The hook crosses the device {crossings:.0f} times per token (8 points × read the row, set the graph "
-            f"input, get its output, write the row back), about {each:.0f} µs more each than on the CPU. llama.cpp's own decode costs {own:+.1f} ms per token more on the device (its graph and the "
-            f"logits cross too); with the image the difference is {added:+.1f} ms, so the hook's share of what the "
-            f"device adds is {added - own:+.1f} ms per token.")
+            f"The hook makes {crossings:.0f} tensor gets and sets per token (at each of the 8 cross-layer points: "
+            f"read the row, set the graph input, get its output, write the row back; and the token embedding's "
+            f"row, which stays on the CPU), about {each:.0f} µs more each than on the CPU. llama.cpp's own decode "
+            f"costs {own:+.1f} ms per token more on the device (its graph and the logits cross too); with the "
+            f"image the difference is {added:+.1f} ms, so the hook's share of what the device adds is "
+            f"{added - own:+.1f} ms per token.")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ stage() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 
 stage "the card"
 command -v nvidia-smi >/dev/null || { echo "gpu_check: no nvidia-smi: not an NVIDIA machine"; exit 1; }
-command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || { echo "gpu_check: no nvcc: install the CUDA toolkit"; exit 1; }
+command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] ||
+    { echo "gpu_check: no nvcc: install the CUDA toolkit"; exit 1; }
 export PATH="$PATH:/usr/local/cuda/bin"
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
 nvcc --version | tail -1
@@ -37,14 +38,16 @@ CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native" CMAKE_BUILD_PARALL
 
 stage "did the build take? (lva info: a CUDA backend and a CUDA0 device)"
 "$VENV/bin/python" -m assistant info
-"$VENV/bin/python" -m assistant info | grep -q "^  CUDA0 " || { echo "gpu_check: the build has no CUDA device"; exit 1; }
+"$VENV/bin/python" -m assistant info | grep -q "^  CUDA0 " ||
+    { echo "gpu_check: the build has no CUDA device"; exit 1; }
 
 stage "parity and runtime tests on the GPU (load_model offloads every layer by default)"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_runtime_parity.py tests/test_runtime.py \
     tests/test_text_parity.py --durations=5 || echo "gpu_check: TESTS FAILED (see above); going on to the benchmarks"
 
 stage "bench/runtime_bench.py --quick (no HF reference here)"
-"$VENV/bin/python" bench/runtime_bench.py --quick --work "$WORK" --reference-python none || echo "gpu_check: runtime_bench FAILED"
+"$VENV/bin/python" bench/runtime_bench.py --quick --work "$WORK" --reference-python none ||
+    echo "gpu_check: runtime_bench FAILED"
 
 stage "bench/device_bench.py --on gpu (per decoded token: CPU against the GPU, the hook's crossings)"
 "$VENV/bin/python" bench/device_bench.py --on gpu --work "$WORK" || echo "gpu_check: device_bench FAILED"

@@ -59,7 +59,7 @@ def _show_placement(args: argparse.Namespace) -> None:
     try:
         layers = "all" if args.gpu_layers < 0 else args.gpu_layers
         print(f"{text.name} with --gpu-layers {layers}:")
-        for line in model.placement.describe(has_vision=model.vision is not None):
+        for line in model.placement.describe():
             print(f"  {line}")
     finally:
         model.close()

@@ -23,7 +23,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50052, help="port (default 50052)")
     parser.add_argument("--device", metavar="NAME[,NAME]",
-                        help="devices to lend, by ggml name as `lva info` lists them (default: every GPU, else the CPU)")
+                        help="devices to lend, by ggml name as `lva info` lists them "
+                             "(default: every GPU, else the CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads, when the CPU is lent (default: all cores)")
     parser.set_defaults(run=run)
 

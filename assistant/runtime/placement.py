@@ -66,7 +66,8 @@ class Placement:
         return replace(self, cross_layers=cross)
 
     def device_of_vision_tensor(self, name: str) -> str:
-        """Where a tensor of the vision file lives: a cross layer's token side with that layer, the rest with the tower."""
+        """Where a tensor of the vision file lives: a cross layer's token side with its layer, the rest with the
+        tower."""
         index, field = cross_layer_of(name)
         if index is None or field in IMAGE_SIDE_CROSS_TENSORS:
             return self.vision
@@ -84,14 +85,14 @@ class Placement:
             parts.append(f"vision {self.vision}")
         return " + ".join(parts)
 
-    def describe(self, has_vision: bool) -> list[str]:
+    def describe(self) -> list[str]:
         """Lines for `lva info --model`: text layers per device, output, vision tower, cross layers."""
         lines = []
         for device in dict.fromkeys(self.text_layers):
             layers = [i for i, d in enumerate(self.text_layers) if d == device]
             lines.append(f"text layers {_ranges(layers)} ({len(layers)} of {len(self.text_layers)}): {device}")
         lines.append(f"output layer: {self.output}    token embeddings: {CPU}")
-        if has_vision:
+        if self.cross_layers:                                  # a pair, not a plain text model
             lines.append(f"vision tower (and the K/V projections of the cross layers): {self.vision}")
             for index, device in sorted(self.cross_layers.items()):
                 lines.append(f"cross-attention layer {index} (and its image K/V): {device}")

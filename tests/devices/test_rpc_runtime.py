@@ -155,7 +155,8 @@ def test_the_kv_cache_is_reused_on_the_device(fixtures, rpc_server) -> None:
         reused = model.next_token_logits(longer, image)
         assert model.prompt_tokens_evaluated == 1
         assert int(reused.argmax()) == first[3]
-        assert np.abs(reused - model.logits(longer, image)[-1]).max() < 1e-5
+        # another batch shape than a fresh evaluation: test_runtime.py's bound for that (measured: 5.7e-6)
+        assert np.abs(reused - model.logits(longer, image)[-1]).max() < 1e-4
         model.next_token_logits(ids, IMAGES / "rgb_80x26.png")
         assert model.prompt_tokens_evaluated == len(ids) - case["image_token_pos"]   # rows before the image kept
     finally:
