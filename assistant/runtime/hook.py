@@ -118,6 +118,8 @@ class CrossAttentionHook:
         seeing = batch.positions[rows] >= self.image_start
         if not seeing.any():
             return
+        if name not in self.points and not (batch.tokens[rows] == self.image_token_id).any():
+            return                               # the embeddings, and no image token among them: nothing to do
         first = int(np.argmax(seeing))                # rows at or after the image start form a suffix
         x = np.empty((n_rows - first, n_embd), dtype=np.float32)
         row_bytes = n_embd * 4
