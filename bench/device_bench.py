@@ -6,8 +6,11 @@ GPU they cross PCIe, on ggml's RPC backend a socket. One run measures, per decod
 image bound, on the CPU and on one RPC server on 127.0.0.1 that lends this same CPU:
 
 - decode time with the image and without it (llama.cpp's own cost of the device, against ours);
-- the hook's time, split into the crossings (ggml_backend_tensor_get/set of rows, inputs, outputs)
-  and the cross-layer graphs running.
+- the hook's time, and how many tensor gets and sets (crossings) it makes;
+- what one crossing of a row costs on each (a set and a get of a hidden-size F32 row, timed apart
+  from decoding: on a device the graphs run asynchronously, so inside the hook a get also waits for
+  the compute before it, and timing the hook's own calls would mix the two);
+- so, what crossing the device adds per decoded token: crossings × (device − CPU) per crossing.
 
 `--on gpu` measures this machine's first GPU instead (a CUDA, Metal or Vulkan build; bench/gpu_check.sh).
 
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import os
 import platform
 import socket
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -65,16 +69,12 @@ IMAGE_SIZE = (500, 400)                                          # a 1-tile canv
 
 
 class Timer:
-    """Takes the place of a function (of a module, a class or an object): counts calls and the wall time inside."""
+    """Takes the place of a function (of a module or an object): counts calls and the wall time inside."""
 
     def __init__(self, owner, name: str) -> None:
         self.name, self.function = name, getattr(owner, name)
         self.calls, self.seconds = 0, 0.0
         setattr(owner, name, self)
-
-    def __get__(self, instance, owner):
-        """As a class attribute, bind like the method it replaces."""
-        return self if instance is None else functools.partial(self, instance)
 
     def __call__(self, *args, **kwargs):
         started = time.perf_counter()
@@ -90,18 +90,15 @@ class Timer:
 
 @dataclass
 class Timers:
-    """What the hook does while decoding: the crossings it makes (directly, and setting a graph's input in
-    Scratch.run) and the graph runs are timed process-wide; the runs never overlap, so one set serves both
-    models. Each model's callback has its own timer."""
+    """The crossings the hook makes (directly, and setting a graph's input in Scratch.run) are counted
+    process-wide; the runs never overlap, so one set serves both models. Each callback has its own timer."""
 
     crossings: list[Timer]
-    graphs: Timer
     callbacks: dict[str, Timer] = field(default_factory=dict)
 
     @classmethod
     def install(cls) -> Timers:
-        return cls([Timer(ggml, name) for name in ("read_rows", "write_rows", "tensor_get", "tensor_set")],
-                   Timer(ggml.Scratch, "run"))
+        return cls([Timer(ggml, name) for name in ("read_rows", "write_rows", "tensor_get", "tensor_set")])
 
     def watch(self, label: str, model) -> None:
         """Time a model's callback; before its llama.cpp context exists, which takes the callback then."""
@@ -109,20 +106,36 @@ class Timers:
         model.hook.callback = llama_cpp.ggml_backend_sched_eval_callback(model.hook._on_node)
 
     def reset(self) -> None:
-        for timer in (*self.crossings, self.graphs, *self.callbacks.values()):
+        for timer in (*self.crossings, *self.callbacks.values()):
             timer.reset()
 
 
 @dataclass
 class Step:
-    """Per decoded token, in seconds; best of the rounds for each figure."""
+    """Per decoded token, in seconds (crossing: per set or get); best of the rounds for each figure."""
 
     decode_text: list[float] = field(default_factory=list)
     decode_image: list[float] = field(default_factory=list)
     hook: list[float] = field(default_factory=list)
-    crossing: list[float] = field(default_factory=list)
     crossings_per_token: float = 0.0
-    graphs: list[float] = field(default_factory=list)
+    crossing: list[float] = field(default_factory=list)
+
+
+def crossing_seconds(backend: ggml.Backend, width: int, repeats: int = 200) -> float:
+    """Seconds per set or get of one F32 row of `width` in the backend's memory (pairs timed, halved)."""
+    graph = ggml.Graph(2)
+    row = graph.new(ggml.F32, width, name="row")
+    buffer = backend.alloc(graph)
+    data, back = np.random.default_rng(0).standard_normal(width, dtype=np.float32), np.empty(width, np.float32)
+    try:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            ggml.write_rows(row, data)
+            ggml.read_rows(row, back)
+        return (time.perf_counter() - started) / (2 * repeats)
+    finally:
+        ggml.free_buffer(buffer)
+        graph.close()
 
 
 def main() -> int:
@@ -206,6 +219,7 @@ def measure(text: Path, device: tuple[str, dict], args: argparse.Namespace) -> d
             print(f"round {round_ + 1} of {args.rounds}:", flush=True)
             for label, model in models.items():
                 once(model, timers, label, steps[label], image, args.decode_tokens)
+                steps[label].crossing.append(crossing_seconds(model.vision_backend, model.vision.hp.text.hidden_size))
                 print(f"  {label}: {summary(steps[label])}", flush=True)
     finally:
         for model in models.values():
@@ -219,10 +233,7 @@ def once(model, timers: Timers, label: str, step: Step, image, decode_tokens: in
     step.decode_image.append(decode_seconds(model, image_ids, image, decode_tokens, timers.reset))
     tokens = decode_tokens + 1
     step.hook.append(timers.callbacks[label].seconds / tokens)
-    step.crossing.append(sum(t.seconds for t in timers.crossings) / tokens)
     step.crossings_per_token = sum(t.calls for t in timers.crossings) / tokens
-    setting_inputs = next(t for t in timers.crossings if t.name == "tensor_set").seconds
-    step.graphs.append((timers.graphs.seconds - setting_inputs) / tokens)
 
 
 def decode_seconds(model, ids: list[int], image, decode_tokens: int, after_prefill: Callable[[], None]) -> float:
@@ -239,24 +250,24 @@ def decode_seconds(model, ids: list[int], image, decode_tokens: int, after_prefi
 
 def summary(step: Step) -> str:
     return (f"decode {1000 * step.decode_text[-1]:.1f} ms/token text only, {1000 * step.decode_image[-1]:.1f} with "
-            f"the image; hook {1000 * step.hook[-1]:.2f} ms ({1000 * step.crossing[-1]:.2f} crossing, "
-            f"{step.crossings_per_token:.0f} crossings)")
+            f"the image; hook {1000 * step.hook[-1]:.2f} ms, {step.crossings_per_token:.0f} crossings of "
+            f"{1e6 * step.crossing[-1]:.0f} µs")
 
 
 def render(steps: dict[str, Step], pair, args: argparse.Namespace) -> str:
-    cpu, device = steps.values()
+    (cpu_label, cpu), (device_label, device) = steps.items()
     ms = lambda values: 1000 * min(values)  # noqa: E731
-    rows = [("decode, text only", "decode_text"), ("decode, 1-tile image bound", "decode_image"),
-            ("the hook (cb_eval callback)", "hook"), ("– of which crossing the device (tensor get/set)", "crossing"),
-            ("– of which the cross-layer graphs running", "graphs")]
-    table = [f"| per decoded token, ms | {' | '.join(steps)} | difference |", "|---|--:|--:|--:|"]
-    for label, name in rows:
-        a, b = ms(getattr(cpu, name)), ms(getattr(device, name))
-        table.append(f"| {label} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
     crossings = device.crossings_per_token
-    each = 1e6 * (min(device.crossing) - min(cpu.crossing)) / crossings if crossings else 0.0
-    added = ms(device.decode_image) - ms(cpu.decode_image)
-    own = ms(device.decode_text) - ms(cpu.decode_text)
+    each = {label: min(step.crossing) for label, step in steps.items()}
+    added = crossings * (each[device_label] - each[cpu_label])
+    rows = [("decode, text only, ms", ms(cpu.decode_text), ms(device.decode_text)),
+            ("decode, 1-tile image bound, ms", ms(cpu.decode_image), ms(device.decode_image)),
+            ("the hook (its cb_eval callback), ms", ms(cpu.hook), ms(device.hook)),
+            ("one crossing (set or get of a row), µs", 1e6 * each[cpu_label], 1e6 * each[device_label]),
+            (f"crossing, {crossings:.0f} per token, ms", 1000 * crossings * each[cpu_label],
+             1000 * crossings * each[device_label])]
+    table = [f"| per decoded token | {cpu_label} | {device_label} | difference |", "|---|--:|--:|--:|"]
+    table += [f"| {label} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for label, a, b in rows]
     return (f"Measured {datetime.date.today().isoformat()} by `bench/device_bench.py` on {os.cpu_count()} cores "
             f"({cpu_model()}), {ram_gib():.0f} GiB RAM, {platform.system()}; llama-cpp-python "
             f"{version('llama-cpp-python')} (backends: {', '.join(build().backends)}); {args.threads} CPU threads; "
@@ -265,12 +276,14 @@ def render(steps: dict[str, Step], pair, args: argparse.Namespace) -> str:
             f"Model: {DEPTH.describe()} at 11B widths, {pair.text.stat().st_size / 2**30:.2f} GiB text + "
             f"{pair.vision.stat().st_size / 2**30:.2f} GiB vision file (Q4_K_M). On the device every text layer, "
             f"the cross layers and the image K/V live in its memory.\n\n" + "\n".join(table) + "\n\n"
-            f"The hook makes {crossings:.0f} tensor gets and sets per token (at each of the 8 cross-layer points: "
-            f"read the row, set the graph input, get its output, write the row back; and the token embedding's "
-            f"row, which stays on the CPU), about {each:.0f} µs more each than on the CPU. llama.cpp's own decode "
-            f"costs {own:+.1f} ms per token more on the device (its graph and the logits cross too); with the "
-            f"image the difference is {added:+.1f} ms, so the hook's share of what the device adds is "
-            f"{added - own:+.1f} ms per token.")
+            f"The hook makes {crossings:.0f} crossings per token: at each of the 8 cross-layer points it reads the "
+            f"row, sets the graph's input, gets its output and writes the row back. Crossing the device adds about "
+            f"{1000 * added:.1f} ms per decoded token here. The hook's own time on the device holds more than its "
+            f"work: llama.cpp's graph up to each row runs asynchronously and finishes inside the hook's first get, "
+            f"and each cross-layer graph is a round trip to the server, which computes with the same cores. The "
+            f"decode rows are the totals: on the device llama.cpp's own decode costs "
+            f"{ms(device.decode_text) - ms(cpu.decode_text):+.1f} ms per token (its graph and the logits cross "
+            f"too), and with the image bound {ms(device.decode_image) - ms(cpu.decode_image):+.1f} ms.")
 
 
 if __name__ == "__main__":
