@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list the converted models in the store")
 
-    from assistant.commands import ask, batch, chat, history
+    from assistant.commands import ask, batch, chat, history, info, rpc_server
 
-    for command in (ask, batch, history, chat):
+    for command in (ask, batch, history, chat, info, rpc_server):
         command.add_parser(commands)
     return parser
 
@@ -186,8 +186,10 @@ def _is_user_error(error: Exception) -> bool:
     from assistant.store import ModelNotFound
     from convert.errors import ConvertError
     from models.ggml import LlamaCppVersionError
+    from models.rpc import RpcError
 
-    user_errors = (ConvertError, LlamaCppVersionError, ModelNotFound, ImageError, ChatError, HistoryError, OSError)
+    user_errors = (ConvertError, LlamaCppVersionError, ModelNotFound, ImageError, ChatError, HistoryError, OSError,
+                   RpcError)
     if isinstance(error, user_errors):
         return True
     from assistant.runtime import ModelError

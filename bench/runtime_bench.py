@@ -629,13 +629,14 @@ def _best(runs: list[Rate]) -> Rate:
 class StockLlama:
     """Stock llama-cpp-python on the same text GGUF, no hook: `Llama.eval`, greedy on llama.cpp's logits.
 
-    `Llama` is built as a user would build it (its defaults otherwise); the argmax over the last row's
-    logits is the greedy step (our runtime uses llama.cpp's greedy sampler, the same work).
+    `Llama` is built as a user would build it (every layer offloaded, as lva does, on a GPU build; its
+    defaults otherwise); the argmax over the last row's logits is the greedy step (our runtime uses
+    llama.cpp's greedy sampler, the same work).
     """
 
     def __init__(self, text_path: Path, threads: int) -> None:
         self.llm = llama_cpp.Llama(str(text_path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
+                                   n_gpu_layers=-1, verbose=False)
         self.n_vocab = self.llm.n_vocab()
         self.llm.eval([self.llm.token_bos()] * 8)              # creates the compute buffers, touches the weights
 

@@ -14,6 +14,19 @@ from tests.synthetic_checkpoint import small_config, write_checkpoint
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--devices", action="store_true",
+                     help="collect tests/devices: the runtime on ggml's RPC device (needs the RPC build; "
+                          "`make test-devices` builds it and passes this)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/devices runs only with --devices, in the RPC build's environment; `make test` leaves it out."""
+    if collection_path == Path(__file__).parent / "devices" and not config.getoption("--devices"):
+        return True
+    return None
+
+
 @pytest.fixture(autouse=True)
 def lva_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own store; nothing touches the real user folders."""

@@ -235,18 +235,28 @@ def features(g: Graph, final: Tensor, intermediates: list[Tensor], hp: VisionHPa
 
 @dataclass
 class ImageKV:
-    """What the decoder needs of one image: K and V for every cross layer, kept on the backend."""
+    """What the decoder needs of one image: K and V for every cross layer, kept on that layer's backend."""
 
-    graph: Graph                     # the context describing the tensors
-    buffer: int
+    memory: list[tuple[Graph, int]]  # per backend: the context describing the tensors, and their buffer
     keys: dict[int, Tensor]          # cross-layer stack index -> [head_dim, tokens, kv_heads]
     values_t: dict[int, Tensor]      # cross-layer stack index -> [tokens, head_dim, kv_heads]
     num_tokens: int
 
     def close(self) -> None:
-        ggml.free_buffer(self.buffer)
-        self.buffer = 0
-        self.graph.close()
+        for graph, buffer in self.memory:
+            ggml.free_buffer(buffer)
+            graph.close()
+        self.memory = []
+
+    def moved_to(self, backends: dict[int, ggml.Backend], hp: MllamaHParams) -> ImageKV:
+        """The same K/V on the given backend of each cross layer; this one is closed."""
+        kv_type = ggml.struct(next(iter(self.keys.values()))).type
+        moved = new_image_kv(backends, hp, self.num_tokens, kv_type)
+        for index in self.keys:
+            ggml.copy_tensor(self.keys[index], moved.keys[index])
+            ggml.copy_tensor(self.values_t[index], moved.values_t[index])
+        self.close()
+        return moved
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Host copies, for the on-disk feature cache."""
@@ -317,7 +327,7 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
     hidden = work.new(F32, v.hidden_size, length, name="hidden")
     saved = [work.new(F32, v.hidden_size, length, name=f"intermediate.{k}") for k in range(len(saved_at))]
     work_buffer = backend.alloc(work)
-    kv = new_image_kv(backend, cross_layers, hp, real, kv_type)
+    kv = new_image_kv({index: backend for index in cross_layers}, hp, real, kv_type)
     stages: list[Callable[[Graph, StageInputs], Tensor]] = []
 
     def embeddings(g: Graph, x: StageInputs) -> Tensor:
@@ -368,10 +378,19 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
     return kv
 
 
-def new_image_kv(backend: ggml.Backend, cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams,
-                  tokens: int, kv_type) -> ImageKV:
+def new_image_kv(backends: dict[int, ggml.Backend], hp: MllamaHParams, tokens: int, kv_type) -> ImageKV:
+    """Empty K/V of an image for each cross layer (stack index -> the backend that keeps them)."""
     t = hp.text
-    g = Graph(2 * len(cross_layers) + 1)
-    keys = {i: g.new(kv_type, t.head_dim, tokens, t.num_key_value_heads, name=f"cross.{i}.k") for i in cross_layers}
-    values = {i: g.new(kv_type, tokens, t.head_dim, t.num_key_value_heads, name=f"cross.{i}.v") for i in cross_layers}
-    return ImageKV(g, backend.alloc(g), keys, values, tokens)
+    kv = ImageKV([], {}, {}, tokens)
+    for backend in dict.fromkeys(backends.values()):
+        indices = [i for i, b in backends.items() if b is backend]
+        g = Graph(2 * len(indices) + 1)
+        for i in indices:
+            kv.keys[i] = g.new(kv_type, t.head_dim, tokens, t.num_key_value_heads, name=f"cross.{i}.k")
+            kv.values_t[i] = g.new(kv_type, tokens, t.head_dim, t.num_key_value_heads, name=f"cross.{i}.v")
+        try:
+            kv.memory.append((g, backend.alloc(g)))
+        except ggml.DeviceError:
+            kv.close()
+            raise
+    return kv

@@ -128,10 +128,20 @@ class CrossAttentionLayer:
 
 
 CROSS_ATTENTION_GGUF_PREFIX = "cross.blk."
+# The fields of a cross layer that act on the image tokens only: they run once per image, to make its K/V.
+IMAGE_SIDE_CROSS_TENSORS = ("attn_k", "attn_k_norm", "attn_v")
 
 
 def cross_attention_prefixes(stack_index: int) -> tuple[str, str]:
     return f"{CROSS_ATTENTION_GGUF_PREFIX}{stack_index}.", f"{TEXT_HF_PREFIX}layers.{stack_index}."
+
+
+def cross_layer_of(gguf_name: str) -> tuple[int | None, str | None]:
+    """'cross.blk.8.attn_k.weight' -> (8, 'attn_k'); (None, None) for a tensor outside the cross layers."""
+    if not gguf_name.startswith(CROSS_ATTENTION_GGUF_PREFIX):
+        return None, None
+    index, _, rest = gguf_name[len(CROSS_ATTENTION_GGUF_PREFIX):].partition(".")
+    return int(index), next(w.field for w in names(CrossAttentionLayer) if w.gguf == rest)
 
 
 VISION_HF_PREFIX = "vision_model."

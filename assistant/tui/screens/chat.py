@@ -324,7 +324,7 @@ class ChatScreen(Screen):
             return
         status.model_name = model.text_path.name
         status.context_size = model.n_ctx
-        status.backend = "CPU" if model.backend.is_cpu else model.backend.name
+        status.device = model.placement.summary()
         if reply is not None:
             status.context_used = reply.prompt_tokens + reply.completion_tokens
             status.tokens_per_second = reply.completion_tokens / reply.seconds if reply.seconds else 0.0
