@@ -1,11 +1,15 @@
 # Two entry points from a fresh clone: `make chat` and `make test`. Both set everything up first.
+# `make test-devices` builds a second environment with ggml's RPC backend and runs the device tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DEVICES_VENV ?= .venv-rpc
+DEVICES_BIN := $(DEVICES_VENV)/bin
+LLAMA_CPP_PYTHON := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
-.PHONY: chat test install bench clean
+.PHONY: chat test test-devices install bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py models/kernels/attention.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -19,6 +23,21 @@ chat: install
 test: install
 	$(BIN)/python -m pytest
 
+# llama-cpp-python built from source with the RPC backend (about 5 minutes on 2 cores), never from pip's
+# cache (it holds the CPU build) and never into it.
+$(DEVICES_BIN)/.installed: pyproject.toml setup.py models/kernels/attention.c
+	$(PYTHON) -m venv $(DEVICES_VENV)
+	$(DEVICES_BIN)/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="-DGGML_RPC=on" $(DEVICES_BIN)/python -m pip install --quiet --no-cache-dir \
+		--no-binary llama-cpp-python '$(LLAMA_CPP_PYTHON)'
+	$(DEVICES_BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The runtime on a device whose memory is not host memory: ggml RPC servers started by the tests.
+test-devices: $(DEVICES_BIN)/.installed
+	@tests/devices/vulkan_status.sh
+	$(DEVICES_BIN)/python -m pytest --devices tests/devices
+
 bench: install
 	$(BIN)/python bench/convert_bench.py
 	$(BIN)/python bench/runtime_bench.py --work /tmp/lva-bench --reuse --write-docs
@@ -26,4 +45,4 @@ bench: install
 	$(BIN)/python bench/server_bench.py --write-docs
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(DEVICES_VENV) build *.egg-info .pytest_cache

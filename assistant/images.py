@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.mllama.hparams import ImagePreprocessing
+from models.mllama.hparams import ImagePreprocessing, hf_aspect_ratios
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
@@ -32,7 +32,7 @@ class PreprocessedImage:
     """One image as the vision encoder takes it."""
 
     pixels: np.ndarray              # float32 [max_num_tiles, 3, tile, tile]; tiles past num_tiles are zeros
-    aspect_ratio_id: int            # 1-based index into HF's aspect-ratio list (see `_hf_aspect_ratios`)
+    aspect_ratio_id: int            # 1-based index into HF's aspect-ratio list (see `hf_aspect_ratios`)
     num_tiles: int                  # real tiles = rows * cols
     tiles: tuple[int, int]          # (rows, cols)
 
@@ -103,16 +103,6 @@ def content_id(image: Image.Image) -> str:
     return h.hexdigest()
 
 
-def _hf_aspect_ratios(max_num_tiles: int) -> list[tuple[int, int]]:
-    """HF's `get_all_supported_aspect_ratios`: every (rows, cols) with rows * cols <= max_num_tiles.
-
-    HF quirk: the processor picks the tile grid and numbers aspect_ratio_id from this list alone, never
-    from the checkpoint's `supported_aspect_ratios`, of which the model itself reads only the length (rows
-    of its aspect-ratio embeddings). The published checkpoints' lists equal this one.
-    """
-    return [(a, b) for a in range(1, max_num_tiles + 1) for b in range(1, max_num_tiles + 1) if a * b <= max_num_tiles]
-
-
 def _optimal_grid(height: int, width: int, tile_size: int, ratios: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """HF's `get_optimal_tiled_canvas`, as a (rows, cols) tile grid.
 
@@ -152,7 +142,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def preprocess(image: Image.Image, p: ImagePreprocessing, tile_size: int, max_num_tiles: int,
                supported_aspect_ratios: Sequence[tuple[int, int]]) -> PreprocessedImage:
     """Tile one loaded image exactly as MllamaImageProcessorPil does for a single image."""
-    ratios = _hf_aspect_ratios(max_num_tiles)
+    ratios = hf_aspect_ratios(max_num_tiles)
     if [tuple(r) for r in supported_aspect_ratios] != ratios:
         # HF would still number the grids from its own list, so the ids would not mean what the checkpoint says.
         raise ValueError(f"supported_aspect_ratios {list(supported_aspect_ratios)} differ from the ones HF's "

@@ -78,8 +78,8 @@ def resolve_model(choice: str | None = None, directory: Path | None = None) -> P
         if not models:
             raise ModelNotFound(f"no model named {choice!r} in {directory or models_dir()}; `lva models` lists them")
     if not models:
-        raise ModelNotFound(f"no models in {directory or models_dir()}; convert one with: "
-                            "lva convert meta-llama/Llama-3.2-11B-Vision-Instruct")
+        raise ModelNotFound(f"no models in {directory or models_dir()}; get one with: lva pull llama3.2-vision "
+                            "(or lva convert meta-llama/Llama-3.2-11B-Vision-Instruct)")
     if len(models) > 1:
         names = ", ".join(f"{m.name}-{m.quant}" for m in models)
         raise ModelNotFound(f"several models could run ({names}); choose one with --model")

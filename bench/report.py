@@ -21,6 +21,26 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# The instruction sets that decide which kernels run: ggml's and ours, and torch's.
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """This CPU's flags among KERNEL_FLAGS, as /proc/cpuinfo names them: every figure is written next to them."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "none of " + " ".join(KERNEL_FLAGS)
+    return "unknown"
+
+
+def machine() -> str:
+    """One line for a report: cores, CPU model and flags, memory, OS."""
+    return (f"{os.cpu_count()} cores ({cpu_model()}; flags: {cpu_flags()}), {ram_gib():.0f} GiB RAM, "
+            f"{platform.system()}")
+
+
 def ram_gib() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):

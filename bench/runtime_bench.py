@@ -483,10 +483,10 @@ def forget_image(model, key: str) -> None:
 def measure_encode(model, label: str, image: Image.Image, runs: int) -> Encode:
     """Cold encodes (this image dropped from the cache before each), the stages of the fastest, a cache hit.
 
-    The progress callback fires after each stage of `models.mllama.vision.encode` (embeddings, each
-    local layer, each global layer, projection + cross-layer K/V), so differences of its timestamps
-    show where the time goes; the first stage includes preprocessing. Each image is new to the model
-    when first encoded here, so the first run is cold too.
+    The progress callback fires after preprocessing and after each stage of `models.mllama.vision.encode`
+    (embeddings, each local layer, each global layer, projection + cross-layer K/V), so differences of
+    its timestamps show where the time goes. Each image is new to the model when first encoded here, so
+    the first run is cold too.
     """
     tiles = model.preprocess(image).num_tiles
     seconds, best_stages, key = [], [], None
@@ -510,7 +510,7 @@ def measure_encode(model, label: str, image: Image.Image, runs: int) -> Encode:
 
 def _stages(model, started: float, stamps: list[float]) -> list[tuple[str, float]]:
     v = model.vision.hp.vision
-    names = (["preprocessing + embeddings"] + [f"local {i}" for i in range(v.num_hidden_layers)]
+    names = (["preprocessing", "embeddings"] + [f"local {i}" for i in range(v.num_hidden_layers)]
              + [f"global {i}" for i in range(v.num_global_layers)] + ["projection + cross-layer K/V"])
     times = np.diff([started, *stamps])
     return list(zip(names, times.tolist()))
@@ -629,13 +629,14 @@ def _best(runs: list[Rate]) -> Rate:
 class StockLlama:
     """Stock llama-cpp-python on the same text GGUF, no hook: `Llama.eval`, greedy on llama.cpp's logits.
 
-    `Llama` is built as a user would build it (its defaults otherwise); the argmax over the last row's
-    logits is the greedy step (our runtime uses llama.cpp's greedy sampler, the same work).
+    `Llama` is built as a user would build it (every layer offloaded, as lva does, on a GPU build; its
+    defaults otherwise); the argmax over the last row's logits is the greedy step (our runtime uses
+    llama.cpp's greedy sampler, the same work).
     """
 
     def __init__(self, text_path: Path, threads: int) -> None:
         self.llm = llama_cpp.Llama(str(text_path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
+                                   n_gpu_layers=-1, verbose=False)
         self.n_vocab = self.llm.n_vocab()
         self.llm.eval([self.llm.token_bos()] * 8)              # creates the compute buffers, touches the weights
 
@@ -756,7 +757,7 @@ def render_stages(r: Results) -> str:
     d, f = 1280, 5120
     matmul_gflop = 2 * length * (4 * d * d + 2 * d * f) / 1e9
     attention_gflop = 2 * 2 * length * length * d / 1e9
-    rows = [f"Stages of the {four.label} encode ({four.best:.1f} s; the first stage includes preprocessing). "
+    rows = [f"Stages of the {four.label} encode ({four.best:.1f} s). "
             f"Per layer: ≈ {matmul_gflop:.0f} GFLOP of matrix products and ≈ {attention_gflop:.0f} GFLOP of "
             f"attention (QKᵀ and PV over all {length} tokens of the 4 tile slots):\n",
             "| stage | count | seconds | mean s | share |", "|---|--:|--:|--:|--:|"]

@@ -1,21 +1,28 @@
 """One vision encoder layer at the real 11B width on 4 tiles: where the encode time goes.
 
 The 4-tile encode runs 40 such layers (32 local + 8 global) over 6432 tokens, so a layer's time x 40 is
-the encode time. This isolates the two costs per weight type: the matrix products (the layer without its
-attention) and the attention (the rest), for the attention paths the runtime has: ggml's flash attention
-with F16 K/V (used for F16/BF16/quantized towers) and the exact F32 softmax path (used for F32 towers).
-Then the kernels' rates: a layer-sized matrix product per weight type, and ggml's flash attention with
-and without Meta's padding mask (the encoder orders its tokens so that it needs none), attention unfused
-into BF16 products, and the encode time they imply at best.
+most of the encode time. In one run, on one machine:
 
-    python bench/vision_layer_bench.py                 # F16, BF16, Q8_0 weights
-    python bench/vision_layer_bench.py --types BF16 --runs 3 --hf-seconds 76.5
+- the layer per weight type and attention (our fused kernel's fastest path here, ggml's flash attention),
+  split into the layer without attention and the rest;
+- the parts of the layer the runtime uses by default (its fastest weight type here, our kernel): matrix
+  products, attention, layer norms, GELU, residual adds, each timed alone;
+- ggml's matrix product rate per weight type;
+- attention alone: each path of our kernel this CPU runs, ggml's flash attention (with Meta's mask in
+  HF's tile-major order, and without, in the encoder's order), and torch's SDPA in bf16 and fp32 as HF
+  calls it (a child process with the `reference` extra's interpreter).
+
+    python bench/vision_layer_bench.py                         # prints the tables
+    python bench/vision_layer_bench.py --write-docs            # and rewrites its section of PERFORMANCE.md
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,20 +30,30 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from models import ggml  # noqa: E402
 from models.ggml import F16, F32, Graph  # noqa: E402
+from models.kernels import attention as kernels  # noqa: E402
 from models.mllama import vision  # noqa: E402
 from models.mllama.hparams import VisionHParams  # noqa: E402
 from models.mllama.weights import VisionLayer  # noqa: E402
+
+from report import machine, write_section  # noqa: E402
 
 HP = VisionHParams(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1, num_global_layers=0,
                    attention_heads=16, intermediate_layers_indices=(), image_size=560, patch_size=14, num_channels=3,
                    max_num_tiles=4, vision_output_dim=1280, norm_eps=1e-5, supported_aspect_ratios=((2, 2),))
 TOKENS = vision.padded_patches(HP) * HP.max_num_tiles
 REAL_TOKENS = HP.num_patches * HP.max_num_tiles
+HEADS, HEAD_DIM = HP.attention_heads, HP.hidden_size // HP.attention_heads
 LAYERS_PER_ENCODE = 40
+ATTENTION_FLOP = 4 * HP.hidden_size * (REAL_TOKENS * TOKENS + (TOKENS - REAL_TOKENS) * REAL_TOKENS)
+PRODUCTS_FLOP = 2 * TOKENS * (4 * HP.hidden_size ** 2 + 2 * HP.hidden_size * HP.intermediate_size)
+DEFAULT_REFERENCE_PYTHON = "/work/refvenv/bin/python"
+HEADING = "### One encoder layer: the kernels' rates"
 
 
 def random_layer(backend: ggml.Backend, qtype: Q, rng: np.random.Generator) -> tuple[VisionLayer, Graph, int]:
@@ -74,20 +91,25 @@ def time_graph(backend: ggml.Backend, build, runs: int) -> float:
     return best
 
 
-def time_layer(backend: ggml.Backend, layer: VisionLayer, flash: bool | None, runs: int) -> float:
-    """Best seconds of one layer; flash=None runs the layer's matrix products without attention."""
-    x = np.random.default_rng(1).standard_normal((TOKENS, HP.hidden_size)).astype(np.float32)
+def hidden_states(rng: np.random.Generator, width: int = HP.hidden_size) -> np.ndarray:
+    return rng.standard_normal((TOKENS, width)).astype(np.float32)
+
+
+def time_layer(backend: ggml.Backend, layer: VisionLayer, attention: str | None, runs: int) -> float:
+    """Best seconds of one layer; attention=None runs the layer with its attention left out."""
+    x = hidden_states(np.random.default_rng(1))
 
     def build(g: Graph) -> dict:
         x_in = g.input(F32, HP.hidden_size, TOKENS, name="x")
-        if flash is None:
-            for weight in (layer.attn_q, layer.attn_k):
-                g.expand(g.mul_mat(weight, x_in))
-            h = g.mul_mat(layer.attn_output, g.mul_mat(layer.attn_v, x_in))
-            up = g.gelu(g.linear(h, layer.ffn_up, layer.ffn_up_bias))
-            g.expand(g.linear(up, layer.ffn_down, layer.ffn_down_bias))
+        if attention is None:
+            h = g.layer_norm(x_in, layer.attn_norm, layer.attn_norm_bias, HP.norm_eps)
+            q, k, v = (g.mul_mat(w, h) for w in (layer.attn_q, layer.attn_k, layer.attn_v))
+            h = g.add(x_in, g.mul_mat(layer.attn_output, g.add(g.add(q, k), v)))
+            up = g.gelu(g.linear(g.layer_norm(h, layer.ffn_norm, layer.ffn_norm_bias, HP.norm_eps), layer.ffn_up,
+                                 layer.ffn_up_bias))
+            g.expand(g.add(h, g.linear(up, layer.ffn_down, layer.ffn_down_bias)))
         else:
-            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, flash))
+            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, attention))
         return {x_in: x}
     return time_graph(backend, build, runs)
 
@@ -96,7 +118,7 @@ def product_rate(backend: ggml.Backend, qtype: Q, runs: int, rng: np.random.Gene
     """GFLOP/s of the layer's widest product (ffn_up: 1280 -> 5120) over the 6432 tokens."""
     d, ffn = HP.hidden_size, HP.intermediate_size
     layer, weights, buffer = random_layer(backend, qtype, rng)
-    x = rng.standard_normal((TOKENS, d)).astype(np.float32)
+    x = hidden_states(rng)
 
     def build(g: Graph) -> dict:
         x_in = g.input(F32, d, TOKENS, name="x")
@@ -108,79 +130,128 @@ def product_rate(backend: ggml.Backend, qtype: Q, runs: int, rng: np.random.Gene
     return 2 * d * ffn * TOKENS / seconds / 1e9
 
 
-def attention_seconds(backend: ggml.Backend, masked: bool, runs: int, rng: np.random.Generator) -> float:
-    """ggml's flash attention over the 6432 tokens, F16 K/V: with Meta's mask as the tile-major order needs
-    it, or split as the encoder order runs it (real queries over all keys, padding over the real keys)."""
-    heads, hd = HP.attention_heads, HP.hidden_size // HP.attention_heads
-    q = rng.standard_normal((heads, TOKENS, hd)).astype(np.float32)
-    kv = rng.standard_normal((heads, TOKENS, hd)).astype(np.float16)
-    is_pad = ~np.isin(np.arange(TOKENS), vision.encoder_order(HP, HP.max_num_tiles)[:REAL_TOKENS])
-    mask = np.where(is_pad[:, None] & is_pad[None, :], -np.inf, 0).astype(np.float16)
+def attention_seconds(backend: ggml.Backend, attention: str, runs: int, rng: np.random.Generator,
+                      masked: bool = False) -> float:
+    """One layer's attention alone: `vision.attend` in encoder order, or ggml's flash attention over the
+    tile-major order with Meta's mask (masked=True), as HF's order would need it."""
+    q, k, v = (hidden_states(rng) for _ in range(3))
 
     def build(g: Graph) -> dict:
-        q_in, kv_in = g.input(F32, hd, TOKENS, heads, name="q"), g.input(F16, hd, TOKENS, heads, name="kv")
-        if masked:
-            mask_in = g.input(F16, TOKENS, TOKENS, name="mask")
-            g.expand(g.flash_attn(q_in, kv_in, kv_in, mask_in, hd ** -0.5))
-            return {q_in: q, kv_in: kv, mask_in: mask}
-        real_keys = g.view(kv_in, (hd, REAL_TOKENS, heads))
-        pad_queries = g.view(q_in, (hd, TOKENS - REAL_TOKENS, heads), REAL_TOKENS * ggml.struct(q_in).nb[1])
-        g.expand(g.flash_attn(g.view(q_in, (hd, REAL_TOKENS, heads)), kv_in, kv_in, None, hd ** -0.5))
-        g.expand(g.flash_attn(pad_queries, real_keys, real_keys, None, hd ** -0.5))
-        return {q_in: q, kv_in: kv}
+        inputs = [g.input(F32, HP.hidden_size, TOKENS, name=name) for name in "qkv"]
+        feeds = dict(zip(inputs, (q, k, v)))
+        if not masked:
+            g.expand(vision.attend(g, *inputs, HEADS, REAL_TOKENS, attention))
+            return feeds
+        is_pad = ~np.isin(np.arange(TOKENS), vision.encoder_order(HP, HP.max_num_tiles)[:REAL_TOKENS])
+        mask = np.where(is_pad[:, None] & is_pad[None, :], -np.inf, 0).astype(np.float16)
+        mask_in = g.input(F16, TOKENS, TOKENS, name="mask")
+        heads = [g.permute(g.reshape(t, HEAD_DIM, HEADS, TOKENS), 0, 2, 1) for t in inputs]
+        k16, v16 = g.cast(heads[1], F16), g.cast(heads[2], F16)
+        g.expand(g.flash_attn(heads[0], k16, v16, mask_in, HEAD_DIM ** -0.5))
+        return {**feeds, mask_in: mask}
     return time_graph(backend, build, runs)
 
 
-def unfused_attention_seconds(backend: ggml.Backend, products_only: bool, runs: int,
-                              rng: np.random.Generator) -> float:
-    """The real queries' attention without ggml's fused kernel: BF16 products, the head dim padded to 96 (ggml's
-    BF16 matrix kernel wants rows in multiples of 32; 80 runs several times slower), chunks of 128 queries so
-    the F32 scores stay in cache. products_only: just the Q·Kᵀ products, with no softmax and no P·V."""
-    heads, hd, chunk, padded = HP.attention_heads, HP.hidden_size // HP.attention_heads, 128, 96
-    q, k, v = (rng.standard_normal((heads, TOKENS, hd)).astype(np.float32) for _ in range(3))
+def layer_parts(backend: ggml.Backend, layer: VisionLayer, attention: str, runs: int,
+                rng: np.random.Generator) -> dict[str, float]:
+    """Each part of a layer timed alone, on the layer's shapes."""
+    d, ffn = HP.hidden_size, HP.intermediate_size
+    x, wide = hidden_states(rng), hidden_states(rng, ffn)
 
-    def build(g: Graph) -> dict:
-        q_in, k_in, v_in = (g.input(F32, hd, TOKENS, heads, name=name) for name in "qkv")
-        queries, keys = g.pad(q_in, padded - hd), g.cast(g.pad(k_in, padded - hd), Q.BF16)
-        values_t = g.cast(g.cont(g.permute(v_in, 1, 0, 2)), Q.BF16)
-        for first in range(0, REAL_TOKENS, chunk):
-            rows = g.view(queries, (padded, min(chunk, REAL_TOKENS - first), heads), first * ggml.struct(queries).nb[1])
-            scores = g.mul_mat(keys, rows)
-            g.expand(scores if products_only else g.mul_mat(values_t, g.soft_max(scores, None, hd ** -0.5)))
-        return {q_in: q, k_in: k, v_in: v}
-    return time_graph(backend, build, runs)
+    def timed(make) -> float:
+        def build(g: Graph) -> dict:
+            x_in, wide_in = g.input(F32, d, TOKENS, name="x"), g.input(F32, ffn, TOKENS, name="wide")
+            g.expand(make(g, x_in, wide_in))
+            return {x_in: x, wide_in: wide}
+        return time_graph(backend, build, runs)
+
+    def all_of(g: Graph, tensors: list) -> int:
+        for t in tensors[:-1]:
+            g.expand(t)
+        return tensors[-1]
+
+    return {
+        "Q, K, V, O products": timed(lambda g, x, w: all_of(g, [g.mul_mat(m, x) for m in
+                                                               (layer.attn_q, layer.attn_k, layer.attn_v,
+                                                                layer.attn_output)])),
+        "MLP products (with biases)": timed(lambda g, x, w: all_of(g, [g.linear(x, layer.ffn_up, layer.ffn_up_bias),
+                                                                       g.linear(w, layer.ffn_down,
+                                                                                layer.ffn_down_bias)])),
+        "attention": attention_seconds(backend, attention, runs, rng),
+        "2 layer norms": timed(lambda g, x, w: all_of(g, [g.layer_norm(x, layer.attn_norm, layer.attn_norm_bias,
+                                                                      HP.norm_eps),
+                                                         g.layer_norm(x, layer.ffn_norm, layer.ffn_norm_bias,
+                                                                      HP.norm_eps)])),
+        "GELU": timed(lambda g, x, w: g.gelu(w)),
+        "2 residual adds": timed(lambda g, x, w: all_of(g, [g.add(x, x), g.add(x, x)])),
+    }
 
 
-def print_kernel_rates(backend: ggml.Backend, runs: int, rng: np.random.Generator, hf_seconds: float | None) -> None:
-    heads, hd, d, ffn = HP.attention_heads, HP.hidden_size // HP.attention_heads, HP.hidden_size, HP.intermediate_size
-    attention_flop = 4 * TOKENS * TOKENS * hd * heads
-    products_flop = 2 * TOKENS * (4 * d * d + 2 * d * ffn)
-    rates = {name: product_rate(backend, Q[name], runs, rng) for name in ("F32", "F16", "BF16")}
-    print("\n| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s |\n|---|--:|")
-    for name, rate in rates.items():
-        print(f"| {name} weights | {rate:.0f} |")
-    times = {True: float("inf"), False: float("inf")}
-    for _ in range(runs):                                   # interleaved, so both see the same machine
-        for masked in times:
-            times[masked] = min(times[masked], attention_seconds(backend, masked, 1, rng))
-    real_flop = attention_flop * REAL_TOKENS // TOKENS       # the real queries over every key
-    unfused = {only: unfused_attention_seconds(backend, only, runs, rng) for only in (True, False)}
-    rows = [("flash attention, F16 K/V, with Meta's mask (tile-major order)", attention_flop, times[True]),
-            ("flash attention, F16 K/V, no mask (encoder order)", attention_flop, times[False]),
-            ("unfused BF16, head dim padded to 96: the real queries' Q·Kᵀ products alone", real_flop // 2,
-             unfused[True]),
-            ("unfused BF16, head dim padded to 96: the real queries' whole attention", real_flop, unfused[False])]
-    print("\n| attention, one layer | GFLOP | s | GFLOP/s |\n|---|--:|--:|--:|")
-    for label, flop, seconds in rows:
-        print(f"| {label} | {flop / 1e9:.0f} | {seconds:.2f} | {flop / seconds / 1e9:.0f} |")
-    best = LAYERS_PER_ENCODE * (attention_flop / (rates["F32"] * 1e9) + products_flop / (rates["BF16"] * 1e9))
-    print(f"\nA 4-tile encode with attention at the F32 product rate and BF16 products: at least {best:.0f} s "
-          f"({LAYERS_PER_ENCODE} layers x ({attention_flop / 1e9:.0f} GFLOP / {rates['F32']:.0f} + "
-          f"{products_flop / 1e9:.0f} GFLOP / {rates['BF16']:.0f} GFLOP/s)), before norms and activations.")
-    if hf_seconds:
-        total, target = LAYERS_PER_ENCODE * (attention_flop + products_flop), 0.6 * hf_seconds
-        print(f"The target, 0.6 x HF's {hf_seconds:.1f} s = {target:.1f} s for {total / 1e12:.1f} TFLOP of products "
-              f"and attention, means {total / target / 1e9:.0f} GFLOP/s on average, softmax and norms included.")
+def torch_attention(python: str, threads: int, runs: int) -> dict | str:
+    """torch SDPA's seconds per variant, or why there are none."""
+    if not Path(python).exists():
+        return f"no torch: {python} does not exist (--reference-python)"
+    done = subprocess.run([python, str(REPO / "bench" / "torch_attention.py"), "--threads", str(threads),
+                           "--runs", str(runs)], capture_output=True, text=True)
+    if done.returncode:
+        return f"torch SDPA failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(args: argparse.Namespace) -> str:
+    backend = ggml.Backend(args.threads)
+    rng = np.random.default_rng(0)
+    ours = kernels.chosen_path()               # LVA_ATTENTION=avx2 on an AVX-512 CPU: as an AVX2-only CPU would
+    paths = [p for p in kernels.FASTEST_FIRST if p in kernels.runnable_paths()]
+    if os.environ.get(kernels.ENVIRONMENT):
+        paths = [p for p in paths if p == ours]
+    default_type = "BF16" if vision.products_in_bf16(int(F16), on_cpu=True) else "F16"
+    lines = [f"Measured {datetime.date.today().isoformat()} by `python bench/vision_layer_bench.py` on {machine()}, "
+             f"{args.threads} threads, best of {args.runs}. One layer: {TOKENS} tokens (4 tiles, the real ones "
+             f"first), {PRODUCTS_FLOP / 1e9:.0f} GFLOP of matrix products and {ATTENTION_FLOP / 1e9:.0f} GFLOP of "
+             f"attention; a 4-tile encode is {LAYERS_PER_ENCODE} layers.", "",
+             "| weights | attention | layer s | without attention s | attention s | × 40 s |",
+             "|---|---|--:|--:|--:|--:|"]
+    for name in args.types:
+        layer, weights, buffer = random_layer(backend, Q[name], rng)
+        without = time_layer(backend, layer, None, args.runs)
+        for attention in [p for p in (ours, "flash") if p]:
+            total = time_layer(backend, layer, attention, args.runs)
+            lines.append(f"| {name} | {attention} | {total:.2f} | {without:.2f} | {total - without:.2f} | "
+                         f"{total * LAYERS_PER_ENCODE:.0f} |")
+            print(lines[-1], flush=True)
+        if name == default_type and ours:
+            parts = layer_parts(backend, layer, ours, args.runs, rng)
+            whole = time_layer(backend, layer, ours, args.runs)
+        ggml.free_buffer(buffer)
+        weights.close()
+    if default_type in args.types and ours:
+        lines += ["", f"The parts of one layer as the runtime runs it here ({default_type} products, attention "
+                      f"`{ours}`), each timed alone; the layer itself took {whole:.2f} s:", "",
+                  "| part | s | share of the sum |", "|---|--:|--:|"]
+        total = sum(parts.values())
+        lines += [f"| {part} | {s:.3f} | {100 * s / total:.0f} % |" for part, s in parts.items()]
+        lines.append(f"| sum of the parts | {total:.3f} | |")
+    lines += ["", "| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s |", "|---|--:|"]
+    for name in ("F32", "F16", "BF16", "Q8_0"):
+        lines.append(f"| {name} weights | {product_rate(backend, Q[name], args.runs, rng):.0f} |")
+    rows = [(f"lva kernel, {path} path", attention_seconds(backend, path, args.runs, rng)) for path in paths]
+    rows += [("ggml flash attention (F16 K/V), encoder order, no mask", attention_seconds(backend, "flash", args.runs,
+                                                                                          rng)),
+             ("ggml flash attention (F16 K/V), tile-major with Meta's mask",
+              attention_seconds(backend, "flash", args.runs, rng, masked=True))]
+    torch_rows = torch_attention(args.reference_python, args.threads, args.runs)
+    if isinstance(torch_rows, dict):
+        rows += [(f"torch {torch_rows['torch']} SDPA, {variant}", seconds)
+                 for variant, seconds in torch_rows["seconds"].items()]
+    lines += ["", f"Attention of one layer ({ATTENTION_FLOP / 1e9:.0f} GFLOP: the pairs Meta's mask keeps; torch "
+                  f"and the masked flash attention also compute the few masked pairs):", "",
+              "| attention | s | GFLOP/s |", "|---|--:|--:|"]
+    lines += [f"| {label} | {seconds:.2f} | {ATTENTION_FLOP / seconds / 1e9:.0f} |" for label, seconds in rows]
+    if isinstance(torch_rows, str):
+        lines.append(f"\n({torch_rows})")
+    backend.close()
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -188,27 +259,14 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["F16", "BF16", "Q8_0"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--exact", action="store_true", help="also time the F32 softmax attention path")
-    parser.add_argument("--hf-seconds", type=float, help="HF's bf16 4-tile encode (from runtime_bench.py): "
-                        "print the average rate the 0.6 x HF target asks for")
+    parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON,
+                        help="an interpreter with torch, for its SDPA (the `reference` extra)")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite this bench's section of PERFORMANCE.md")
     args = parser.parse_args()
-    backend = ggml.Backend(args.threads)
-    rng = np.random.default_rng(0)
-    print(f"one vision layer, {TOKENS} tokens (4 tiles), {args.threads} threads, best of {args.runs}; "
-          f"x {LAYERS_PER_ENCODE} = a 4-tile encode")
-    print("| weights | attention | layer s | matrix products s | attention s | encode estimate s |")
-    print("|---|---|--:|--:|--:|--:|")
-    for name in args.types:
-        layer, weights, buffer = random_layer(backend, Q[name], rng)
-        products = time_layer(backend, layer, None, args.runs)
-        for flash in ([True, False] if args.exact else [True]):
-            total = time_layer(backend, layer, flash, args.runs)
-            label = "flash (F16 K/V)" if flash else "softmax (F32)"
-            print(f"| {name} | {label} | {total:.2f} | {products:.2f} | {total - products:.2f} | "
-                  f"{total * LAYERS_PER_ENCODE:.0f} |", flush=True)
-        ggml.free_buffer(buffer)
-        weights.close()
-    print_kernel_rates(backend, args.runs, rng, args.hf_seconds)
+    text = report(args)
+    print(text)
+    if args.write_docs:
+        write_section("vision-layer", text, HEADING)
 
 
 if __name__ == "__main__":

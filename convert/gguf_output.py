@@ -27,9 +27,14 @@ PART_SUFFIX = ".part"
 Rows = Callable[[int, int], np.ndarray]
 """Rows [start, stop) of a tensor seen as 2-D [n_rows, row_length], as float32."""
 
+RawRows = Callable[[int, int], np.ndarray]
+"""Rows [start, stop) of a tensor as the bytes a GGUF stores for them: uint8 [n_rows, row_bytes]."""
+
 
 @dataclass
 class PlannedTensor:
+    """A tensor written from float32 rows, encoded (or quantized) to `qtype` on the way."""
+
     name: str
     shape: tuple[int, ...]             # numpy order: the last axis is the row
     qtype: T
@@ -46,6 +51,29 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         return self.n_rows * ggml.row_bytes(self.qtype, self.row_length)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, int]]:
+        """(bytes to write, float32 bytes they stand for) a chunk of rows at a time."""
+        step = max(1, CHUNK_BYTES // (4 * self.row_length))
+        for start in range(0, self.n_rows, step):
+            rows = self.rows(start, min(start + step, self.n_rows))
+            if not np.all(np.isfinite(rows)):
+                raise ConvertError(f"tensor {self.name} holds NaN or infinite values; the checkpoint is corrupt")
+            yield encode(rows, self.qtype), rows.nbytes
+
+
+@dataclass
+class CopiedTensor(PlannedTensor):
+    """A tensor whose stored bytes are copied from another GGUF as they are: quantized blocks stay bit for bit."""
+
+    rows: RawRows
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, int]]:
+        """(bytes to write, the same count) a chunk of rows at a time."""
+        step = max(1, CHUNK_BYTES // ggml.row_bytes(self.qtype, self.row_length))
+        for start in range(0, self.n_rows, step):
+            raw = self.rows(start, min(start + step, self.n_rows))
+            yield raw, raw.nbytes
 
 
 def encode(rows: np.ndarray, qtype: T) -> np.ndarray:
@@ -73,7 +101,7 @@ def add_metadata(writer: GGUFWriter, metadata: dict[str, Any]) -> None:
 
 
 def write_gguf(path: Path, writer: GGUFWriter, tensors: list[PlannedTensor], progress: tqdm) -> None:
-    """Write `tensors` after the metadata already added to `writer`; `progress` counts float32 bytes."""
+    """Write `tensors` after the metadata already added to `writer`; `progress` counts what `chunks` reports."""
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     writer.write_header_to_file(path)
@@ -82,14 +110,9 @@ def write_gguf(path: Path, writer: GGUFWriter, tensors: list[PlannedTensor], pro
     out = writer.fout[0]
     for t in tensors:
         writer.write_padding(out, out.tell())
-        step = max(1, CHUNK_BYTES // (4 * t.row_length))
-        for start in range(0, t.n_rows, step):
-            stop = min(start + step, t.n_rows)
-            rows = t.rows(start, stop)
-            if not np.all(np.isfinite(rows)):
-                raise ConvertError(f"tensor {t.name} holds NaN or infinite values; the checkpoint is corrupt")
-            out.write(encode(rows, t.qtype).tobytes())
-            progress.update(rows.nbytes)
+        for data, done in t.chunks():
+            out.write(data.tobytes())
+            progress.update(done)
         writer.write_padding(out, t.nbytes)
     out.flush()
     os.fsync(out.fileno())

@@ -18,9 +18,10 @@ from tqdm import tqdm
 from convert.checkpoint import Checkpoint
 from convert.gguf_output import PlannedTensor, Rows, add_metadata, write_gguf
 from convert.quant_types import FLOAT_FTYPES, storage_type
-from convert.tokenizer import read_vocabulary
+from convert.tokenizer import Vocabulary, read_vocabulary
 from models.mllama import gguf_keys as K
 from models.mllama import weights as W
+from models.mllama.hparams import TextHParams
 from models.mllama.weights import Kind
 
 ARCHITECTURE = "llama"
@@ -101,11 +102,19 @@ def text_metadata(checkpoint: Checkpoint, writer: gguf.GGUFWriter, float_type: T
                   source_url: str | None, pair_id: str) -> None:
     """llama.cpp's `llama` keys, the Llama 3 tokenizer and chat template, and who made the weights."""
     text = checkpoint.hparams.text
+    vocab = read_vocabulary(checkpoint.tokenizer, checkpoint.tokenizer_config, text.vocab_size)
+    llama_metadata(writer, text, vocab, checkpoint.chat_template, FLOAT_FTYPES[float_type], name=name,
+                   source_url=source_url, license=checkpoint.license, pair_id=pair_id)
+
+
+def llama_metadata(writer: gguf.GGUFWriter, text: TextHParams, vocab: Vocabulary, chat_template: str | None,
+                   file_type: int, name: str, source_url: str | None, license: str | None, pair_id: str) -> None:
+    """The keys of a text file, whatever it was made from (a checkpoint, or an Ollama GGUF by `lva import`)."""
     writer.add_name(name)
     if source_url:
         writer.add_source_repo_url(source_url)
-    if checkpoint.license:
-        writer.add_license(checkpoint.license)
+    if license:
+        writer.add_license(license)
     writer.add_context_length(text.max_position_embeddings)
     writer.add_embedding_length(text.hidden_size)
     writer.add_block_count(len(text.self_attention_layers))
@@ -116,11 +125,10 @@ def text_metadata(checkpoint: Checkpoint, writer: gguf.GGUFWriter, float_type: T
     writer.add_rope_dimension_count(text.head_dim)
     writer.add_layer_norm_rms_eps(text.rms_norm_eps)
     writer.add_vocab_size(text.vocab_size)
-    writer.add_file_type(FLOAT_FTYPES[float_type])
+    writer.add_file_type(file_type)
 
-    vocab = read_vocabulary(checkpoint.tokenizer, checkpoint.tokenizer_config, text.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
@@ -131,8 +139,8 @@ def text_metadata(checkpoint: Checkpoint, writer: gguf.GGUFWriter, float_type: T
             add(token_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    if checkpoint.chat_template:
-        writer.add_chat_template(checkpoint.chat_template)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     add_metadata(writer, {K.PAIR_ID: pair_id})
 
 

@@ -23,6 +23,7 @@ class Vocabulary:
     eot_id: int | None
     eom_id: int | None
     pad_id: int | None
+    pre: str = "llama-bpe"            # llama.cpp's pre-tokenizer: Llama 3's regex split
 
 
 def read_vocabulary(tokenizer: dict[str, Any], tokenizer_config: dict[str, Any], vocab_size: int) -> Vocabulary:

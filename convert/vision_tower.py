@@ -19,6 +19,7 @@ from convert.quant_types import storage_type
 from convert.text_tower import array_rows, checkpoint_rows
 from models.mllama import gguf_keys as K
 from models.mllama import weights as W
+from models.mllama.hparams import MllamaHParams
 from models.mllama.weights import Kind
 
 
@@ -56,9 +57,16 @@ def plan_vision_tensors(checkpoint: Checkpoint, vision_type: T, cross_type: T) -
 def write_vision_gguf(checkpoint: Checkpoint, path: Path, vision_type: T, cross_type: T, name: str, quant: str,
                       text_file: str, pair_id: str, progress: tqdm) -> None:
     writer = gguf.GGUFWriter(path, K.ARCHITECTURE)
-    writer.add_name(name)
-    if checkpoint.license:
-        writer.add_license(checkpoint.license)
-    add_metadata(writer, {K.PAIR_ID: pair_id, K.TEXT_FILE: text_file, K.QUANT: quant})
-    add_metadata(writer, checkpoint.hparams.gguf_metadata())
+    vision_metadata(writer, checkpoint.hparams, name=name, license=checkpoint.license, quant=quant,
+                    text_file=text_file, pair_id=pair_id)
     write_gguf(path, writer, plan_vision_tensors(checkpoint, vision_type, cross_type), progress)
+
+
+def vision_metadata(writer: gguf.GGUFWriter, hparams: MllamaHParams, name: str, license: str | None, quant: str,
+                    text_file: str, pair_id: str) -> None:
+    """The keys of a vision file, whatever it was made from (a checkpoint, or an Ollama GGUF)."""
+    writer.add_name(name)
+    if license:
+        writer.add_license(license)
+    add_metadata(writer, {K.PAIR_ID: pair_id, K.TEXT_FILE: text_file, K.QUANT: quant})
+    add_metadata(writer, hparams.gguf_metadata())

@@ -3,15 +3,16 @@
 ggml has no stable ABI: struct layouts and signatures move between releases, so the binding is only
 trusted with the exact llama-cpp-python it was written against. Importing this module checks that.
 
-Three parts: quantization (the converter), graph building (`Graph`: a ggml context whose methods are
-the ops, returning tensor pointers), and backends (`Backend`: where weights live and graphs run, the
-same device llama.cpp uses).
+Four parts: quantization (the converter), graph building (`Graph`: a ggml context whose methods are
+the ops, returning tensor pointers), devices (`Device`: what ggml sees, the registered backends), and
+backends (`Backend`: a device's stream, where weights live and graphs run).
 """
 
 from __future__ import annotations
 
 import ctypes
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -35,7 +36,8 @@ if llama_cpp.__version__ != PINNED_LLAMA_CPP_PYTHON:
 from llama_cpp._ggml import libggml as _lib  # noqa: E402  (after the version check, on purpose)
 
 Tensor = int                      # a `struct ggml_tensor *`, as ctypes hands it back
-F32, F16, I32 = GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.I32
+F32, F16, BF16, I32 = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                      GGMLQuantizationType.I32)
 
 MAX_DIMS, MAX_SRC, MAX_OP_PARAMS, MAX_NAME = 4, 10, 64, 64
 
@@ -75,7 +77,8 @@ class DevProps(ctypes.Structure):
                 ("memory_total", c_size_t), ("type", c_int), ("device_id", c_char_p), ("caps", DevCaps)]
 
 
-DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2
+DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU, DEVICE_ACCEL = 0, 1, 2, 3
+DEVICE_KINDS = {DEVICE_CPU: "CPU", DEVICE_GPU: "GPU", DEVICE_IGPU: "integrated GPU", DEVICE_ACCEL: "accelerator"}
 T = c_void_p
 
 
@@ -98,6 +101,8 @@ for _name, _res, _args in [
     ("ggml_new_graph_custom", c_void_p, [c_void_p, c_size_t, c_bool]),
     ("ggml_build_forward_expand", None, [c_void_p, T]),
     ("ggml_graph_n_nodes", c_int, [c_void_p]),
+    ("ggml_graph_node", T, [c_void_p, c_int]),
+    ("ggml_op_desc", c_char_p, [T]),
     ("ggml_new_tensor", T, [c_void_p, c_int, c_int, POINTER(c_int64)]),
     ("ggml_set_name", T, [T, c_char_p]),
     ("ggml_get_name", c_char_p, [T]),
@@ -114,6 +119,7 @@ for _name, _res, _args in [
     ("ggml_norm", T, [c_void_p, T, c_float]),
     ("ggml_rms_norm", T, [c_void_p, T, c_float]),
     ("ggml_gelu_erf", T, [c_void_p, T]),
+    ("ggml_gelu", T, [c_void_p, T]),
     ("ggml_silu", T, [c_void_p, T]),
     ("ggml_soft_max_ext", T, [c_void_p, T, T, c_float, c_float]),
     ("ggml_flash_attn_ext", T, [c_void_p, T, T, T, T, c_float, c_float, c_float]),
@@ -127,10 +133,25 @@ for _name, _res, _args in [
     ("ggml_permute", T, [c_void_p, T, c_int, c_int, c_int, c_int]),
     ("ggml_reshape_4d", T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64]),
     ("ggml_view_4d", T, [c_void_p, T, c_int64, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t, c_size_t]),
-    # backends
+    ("ggml_custom_4d", T, [c_void_p, c_int, c_int64, c_int64, c_int64, c_int64, POINTER(c_void_p), c_int, c_void_p,
+                           c_int, c_void_p]),
+    # devices and their registries
+    ("ggml_backend_reg_count", c_size_t, []),
+    ("ggml_backend_reg_get", c_void_p, [c_size_t]),
+    ("ggml_backend_reg_name", c_char_p, [c_void_p]),
+    ("ggml_backend_reg_by_name", c_void_p, [c_char_p]),
+    ("ggml_backend_reg_dev_count", c_size_t, [c_void_p]),
+    ("ggml_backend_reg_dev_get", c_void_p, [c_void_p, c_size_t]),
+    ("ggml_backend_register", None, [c_void_p]),
     ("ggml_backend_dev_count", c_size_t, []),
     ("ggml_backend_dev_get", c_void_p, [c_size_t]),
+    ("ggml_backend_dev_by_name", c_void_p, [c_char_p]),
     ("ggml_backend_dev_get_props", None, [c_void_p, POINTER(DevProps)]),
+    ("ggml_backend_dev_supports_op", c_bool, [c_void_p, T]),
+    ("ggml_backend_buffer_get_type", c_void_p, [c_void_p]),
+    ("ggml_backend_buffer_is_host", c_bool, [c_void_p]),
+    ("ggml_backend_buft_get_device", c_void_p, [c_void_p]),
+    # backends
     ("ggml_backend_dev_init", c_void_p, [c_void_p, c_char_p]),
     ("ggml_backend_dev_backend_reg", c_void_p, [c_void_p]),
     ("ggml_backend_dev_buffer_from_host_ptr", c_void_p, [c_void_p, c_void_p, c_size_t, c_size_t]),
@@ -145,6 +166,7 @@ for _name, _res, _args in [
     ("ggml_backend_tensor_alloc", c_int, [c_void_p, T, c_void_p]),
     ("ggml_backend_tensor_set", None, [T, c_void_p, c_size_t, c_size_t]),
     ("ggml_backend_tensor_get", None, [T, c_void_p, c_size_t, c_size_t]),
+    ("ggml_backend_tensor_copy", None, [T, T]),
     ("ggml_backend_graph_compute", c_int, [c_void_p, c_void_p]),
     ("ggml_gallocr_new", c_void_p, [c_void_p]),
     ("ggml_gallocr_free", None, [c_void_p]),
@@ -153,6 +175,13 @@ for _name, _res, _args in [
     _sig(_name, _res, *_args)
 
 _SET_N_THREADS = ctypes.CFUNCTYPE(None, c_void_p, c_int)
+
+
+class Feature(ctypes.Structure):
+    _fields_ = [("name", c_char_p), ("value", c_char_p)]
+
+
+_GET_FEATURES = ctypes.CFUNCTYPE(POINTER(Feature), c_void_p)
 _GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
 
 
@@ -220,6 +249,11 @@ def write_rows(t: Tensor, data: np.ndarray, offset: int = 0) -> None:
     _lib.ggml_backend_tensor_set(t, data.ctypes.data, offset, data.nbytes)
 
 
+def copy_tensor(src: Tensor, dst: Tensor) -> None:
+    """Copy a tensor into one of the same layout on any device (through the host when they differ)."""
+    _lib.ggml_backend_tensor_copy(src, dst)
+
+
 def tensor_get(t: Tensor, dtype=np.float32) -> np.ndarray:
     """A backend tensor's contents as a numpy array in numpy order (reversed ggml `ne`)."""
     ne = list(reversed(shape(t)[: _lib.ggml_n_dims(t)]))
@@ -245,6 +279,8 @@ class Graph:
         if not self.ctx:
             raise MemoryError("ggml_init failed")
         self.graph = _lib.ggml_new_graph_custom(self.ctx, max_nodes, False)
+        self._kept: list[object] = []          # ctypes objects the graph's custom ops point to
+        self.checked_on: int | None = None           # the backend whose ops this graph was checked against
 
     def close(self) -> None:
         if self.ctx:
@@ -284,6 +320,7 @@ class Graph:
     def scale(self, a: Tensor, s: float) -> Tensor: return _lib.ggml_scale(self.ctx, a, s)
     def mul_mat(self, w: Tensor, x: Tensor) -> Tensor: return _lib.ggml_mul_mat(self.ctx, w, x)
     def gelu(self, a: Tensor) -> Tensor: return _lib.ggml_gelu_erf(self.ctx, a)
+    def gelu_tanh(self, a: Tensor) -> Tensor: return _lib.ggml_gelu(self.ctx, a)     # an F16 table on the CPU
     def silu(self, a: Tensor) -> Tensor: return _lib.ggml_silu(self.ctx, a)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -301,6 +338,17 @@ class Graph:
 
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
         return _lib.ggml_flash_attn_ext(self.ctx, q, k, v, mask, scale, 0.0, 0.0)
+
+    def custom(self, qtype: GGMLQuantizationType, ne: Sequence[int], sources: Sequence[Tensor], function: int,
+               userdata: ctypes.Structure) -> Tensor:
+        """A node computed by a C function of ours, `void f(struct ggml_tensor * dst, int ith, int nth, void *
+        userdata)`, called by every CPU graph thread. The function must be a symbol of a compiled library (a
+        Python callback would serialise the threads on the GIL); `userdata` lives as long as the graph."""
+        self._kept.append(userdata)
+        args = (c_void_p * len(sources))(*sources)
+        full = (*ne, 1, 1, 1)[:4]
+        return _lib.ggml_custom_4d(self.ctx, int(qtype), *full, args, len(sources), function, -1,
+                                   ctypes.addressof(userdata))
 
     # layout
     def concat(self, a: Tensor, b: Tensor, dim: int) -> Tensor: return _lib.ggml_concat(self.ctx, a, b, dim)
@@ -335,39 +383,94 @@ class Graph:
 # ---------------------------------------------------------------------------------------------- backends
 
 
-def _devices() -> list[tuple[int, DevProps]]:
-    found = []
-    for i in range(_lib.ggml_backend_dev_count()):
-        dev = _lib.ggml_backend_dev_get(i)
+class DeviceError(RuntimeError):
+    """A device cannot do what lva asks of it (out of memory, an op it lacks); the message is one line."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device ggml sees: the CPU, a GPU, or a device of a ggml RPC server."""
+
+    handle: int
+    name: str                        # ggml's name: CPU, CUDA0, Metal, Vulkan0, RPC0, ...
+    description: str                 # the card's name; for an RPC device, its server's HOST:PORT
+    kind: int                        # DEVICE_CPU, DEVICE_GPU, ...
+    backend: str                     # the registry it comes from: CPU, CUDA, Metal, Vulkan, RPC, ...
+    maps_host_memory: bool           # reads host memory in place (the CPU, Apple's unified memory)
+    device_id: str | None            # the PCI bus id, when known: one card seen by two backends has one
+
+    @classmethod
+    def from_handle(cls, handle: int) -> Device:
         props = DevProps()
-        _lib.ggml_backend_dev_get_props(dev, ctypes.byref(props))
-        found.append((dev, props))
-    return found
+        _lib.ggml_backend_dev_get_props(handle, ctypes.byref(props))
+        return cls(handle, props.name.decode(), (props.description or b"").decode(), props.type,
+                   _lib.ggml_backend_reg_name(_lib.ggml_backend_dev_backend_reg(handle)).decode(),
+                   bool(props.caps.buffer_from_host_ptr), props.device_id.decode() if props.device_id else None)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.kind == DEVICE_CPU
+
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes now; an RPC device asks its server."""
+        props = DevProps()
+        _lib.ggml_backend_dev_get_props(self.handle, ctypes.byref(props))
+        return props.memory_free, props.memory_total
+
+
+def devices() -> list[Device]:
+    """Every device ggml has registered, in its order (RPC servers appear once added)."""
+    return [Device.from_handle(_lib.ggml_backend_dev_get(i)) for i in range(_lib.ggml_backend_dev_count())]
+
+
+def device_named(name: str) -> Device | None:
+    handle = _lib.ggml_backend_dev_by_name(name.encode())
+    return Device.from_handle(handle) if handle else None
+
+
+def cpu_device() -> Device:
+    return next(d for d in devices() if d.is_cpu)
+
+
+def first_gpu_or_cpu() -> Device:
+    """The device a single-device caller (the benchmarks) uses: the first GPU, else the CPU."""
+    every = devices()
+    return next((d for d in every if d.kind in (DEVICE_GPU, DEVICE_IGPU)), None) or next(d for d in every if d.is_cpu)
+
+
+def backend_registries() -> list[str]:
+    """The backends this build of ggml has (CPU, CUDA, Metal, Vulkan, RPC, ...), as ggml names them."""
+    return [_lib.ggml_backend_reg_name(_lib.ggml_backend_reg_get(i)).decode()
+            for i in range(_lib.ggml_backend_reg_count())]
+
+
+def device_of(t: Tensor) -> Device | None:
+    """The device whose memory holds a tensor (None before it has memory)."""
+    buffer = struct(t).buffer
+    if not buffer:
+        return None
+    handle = _lib.ggml_backend_buft_get_device(_lib.ggml_backend_buffer_get_type(buffer))
+    if not handle and _lib.ggml_backend_buffer_is_host(buffer):
+        return cpu_device()                  # the CPU's buffer over a mapped file names no device
+    return Device.from_handle(handle) if handle else None
 
 
 class Backend:
-    """One ggml device and backend: a GPU when llama.cpp was built with one, else the CPU.
+    """A device's backend: its memory holds weights and activations, its stream runs graphs."""
 
-    llama.cpp offloads every layer to the first GPU it finds; the vision tower and cross-attention layers
-    go to the same device so image K/V never crosses the bus per token.
-    """
-
-    def __init__(self, n_threads: int) -> None:
-        devices = _devices()
-        gpus = [(d, p) for d, p in devices if p.type in (DEVICE_GPU, DEVICE_IGPU)]
-        cpus = [(d, p) for d, p in devices if p.type == DEVICE_CPU]
-        self.device, props = (gpus or cpus)[0]
-        self.name = props.name.decode()
-        self.description = (props.description or b"").decode()
-        self.is_cpu = props.type == DEVICE_CPU
-        self.maps_host_memory = bool(props.caps.buffer_from_host_ptr)
-        self.handle = _lib.ggml_backend_dev_init(self.device, None)
+    def __init__(self, n_threads: int, device: Device | None = None) -> None:
+        self.device = device or first_gpu_or_cpu()
+        self.name = self.device.name
+        self.description = self.device.description
+        self.is_cpu = self.device.is_cpu
+        self.maps_host_memory = self.device.maps_host_memory
+        self.handle = _lib.ggml_backend_dev_init(self.device.handle, None)
         if not self.handle:
-            raise RuntimeError(f"could not start the ggml backend {self.name}")
+            raise DeviceError(f"could not start the ggml backend {self.name}")
         self.set_n_threads(n_threads)
 
     def set_n_threads(self, n_threads: int) -> None:
-        reg = _lib.ggml_backend_dev_backend_reg(self.device)
+        reg = _lib.ggml_backend_dev_backend_reg(self.device.handle)
         address = _lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
         if address:
             _SET_N_THREADS(address)(self.handle, n_threads)
@@ -381,23 +484,23 @@ class Backend:
         """Give every tensor of a graph's context memory on this backend; returns the buffer."""
         buffer = _lib.ggml_backend_alloc_ctx_tensors(graph.ctx, self.handle)
         if not buffer:
-            raise MemoryError(f"out of memory on {self.name}")
+            raise DeviceError(f"out of memory on {self.name}")
         return buffer
 
     def alloc_in(self, graph: Graph, buffer_type: int) -> int:
         buffer = _lib.ggml_backend_alloc_ctx_tensors_from_buft(graph.ctx, buffer_type)
         if not buffer:
-            raise MemoryError(f"out of memory on {self.name}")
+            raise DeviceError(f"out of memory on {self.name}")
         return buffer
 
     def repack_buffer_type(self) -> int | None:
         """The CPU's CPU_REPACK buffer type: quantized matrices stored there are rearranged for the CPU's
         SIMD kernels (llama.cpp keeps its own CPU weights there), or None where there is none."""
-        reg = _lib.ggml_backend_dev_backend_reg(self.device)
+        reg = _lib.ggml_backend_dev_backend_reg(self.device.handle)
         address = _lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
         if not self.is_cpu or not address:
             return None
-        types = _GET_EXTRA_BUFTS(address)(self.device)
+        types = _GET_EXTRA_BUFTS(address)(self.device.handle)
         i = 0
         while types and types[i]:
             if _lib.ggml_backend_buft_name(types[i]) == b"CPU_REPACK":
@@ -405,11 +508,39 @@ class Backend:
             i += 1
         return None
 
+    def check_ops(self, graph: Graph) -> None:
+        """Refuse, in one line, a graph with an op this device lacks (the CPU has them all)."""
+        if self.is_cpu:
+            return
+        for i in range(graph.n_nodes):
+            node = _lib.ggml_graph_node(graph.graph, i)
+            op = _lib.ggml_op_desc(node).decode()
+            # A custom op is a function pointer into this process's CPU code: no other device can run it
+            # (an RPC device would say it can, and crash its server).
+            if "CUSTOM" in op or not _lib.ggml_backend_dev_supports_op(self.device.handle, node):
+                raise DeviceError(f"the ggml op {op} is not supported on {self.name} ({self.description}); "
+                                  f"run on the CPU with --gpu-layers 0")
+
     def map_host(self, address: int, size: int) -> int | None:
         """A buffer over host memory (an mmap'd file), when the device can read it in place."""
         if not self.maps_host_memory:
             return None
-        return _lib.ggml_backend_dev_buffer_from_host_ptr(self.device, address, size, size) or None
+        return _lib.ggml_backend_dev_buffer_from_host_ptr(self.device.handle, address, size, size) or None
+
+
+def cpu_features() -> dict[str, str]:
+    """What ggml's CPU backend was built to use (AVX2, AVX512_BF16, ...): its kernels use these and no others."""
+    cpu = cpu_device().handle
+    reg = _lib.ggml_backend_dev_backend_reg(cpu)
+    address = _lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
+    if not address:
+        return {}
+    features, found = _GET_FEATURES(address)(reg), {}
+    i = 0
+    while features[i].name:
+        found[features[i].name.decode()] = features[i].value.decode()
+        i += 1
+    return found
 
 
 def free_buffer(buffer: int | None) -> None:
@@ -423,6 +554,28 @@ def place(buffer: int, t: Tensor, address: int) -> None:
         raise RuntimeError(f"could not place {name_of(t)!r} in its mapped buffer")
 
 
+def converted(backend: Backend, scratch: Scratch, tensors: Sequence[Tensor],
+              qtype: GGMLQuantizationType) -> tuple[Graph, int, list[Tensor]]:
+    """Copies of `tensors` in `qtype` in a new buffer on the backend, converted by ggml's own copy op.
+
+    Returns the copies' context and buffer (the caller frees both) and the copies, in order."""
+    held = Graph(len(tensors) + 1)
+    copies = [held.new(qtype, *shape(t)[:_lib.ggml_n_dims(t)], name=name_of(t).decode()) for t in tensors]
+    buffer = backend.alloc(held)
+    work = Graph(2 * len(tensors) + 8)
+    try:
+        for t, copy in zip(tensors, copies):
+            work.expand(work.cpy(t, copy))
+        scratch.run(work)
+    except BaseException:
+        free_buffer(buffer)
+        held.close()
+        raise
+    finally:
+        work.close()
+    return held, buffer, copies
+
+
 class Scratch:
     """Scratch memory for running graphs on a backend, reused from one graph to the next (grows as needed).
 
@@ -434,8 +587,11 @@ class Scratch:
         self.allocator = _lib.ggml_gallocr_new(_lib.ggml_backend_get_default_buffer_type(backend.handle))
 
     def run(self, graph: Graph, inputs: dict[Tensor, np.ndarray] | None = None) -> None:
+        if graph.checked_on != self.backend.handle:
+            self.backend.check_ops(graph)
+            graph.checked_on = self.backend.handle
         if not _lib.ggml_gallocr_alloc_graph(self.allocator, graph.graph):
-            raise MemoryError(f"out of memory on {self.backend.name} for a graph of {graph.n_nodes} nodes")
+            raise DeviceError(f"out of memory on {self.backend.name} for a graph of {graph.n_nodes} nodes")
         for t, array in (inputs or {}).items():
             if struct(t).buffer:                   # an input the graph does not use gets no memory
                 tensor_set(t, array)

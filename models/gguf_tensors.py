@@ -1,8 +1,9 @@
-"""A GGUF file's tensors as ggml tensors on a backend, and the weight dataclasses filled from them.
+"""A GGUF file's tensors as ggml tensors on backends, and the weight dataclasses filled from them.
 
-On a device that reads host memory (the CPU, Apple's unified memory) the tensors point into the
-memory-mapped file, so loading costs no copy and the OS pages weights in on first use; elsewhere they
-are copied once into device memory.
+Reading the file (its metadata and tensor table) and placing its tensors on devices are two steps, so a
+caller can decide where each tensor goes from the metadata. On a device that reads host memory (the
+CPU, Apple's unified memory) the tensors point into the memory-mapped file, so loading costs no copy
+and the OS pages weights in on first use; elsewhere they are copied once into device memory.
 """
 
 from __future__ import annotations
@@ -26,33 +27,43 @@ class GGUFError(ValueError):
 
 
 class GGUFTensors:
-    """Owns the mapping, the ggml context holding the tensor descriptions, and the backend buffer."""
+    """Owns the mapping, and per device the ggml context holding the tensor descriptions and its buffer."""
 
-    def __init__(self, path: Path, backend: ggml.Backend, progress: Progress | None = None,
-                 repack: Callable[[str], bool] = lambda name: False) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         try:
             self.reader = GGUFReader(path)
         except (ValueError, OSError, IndexError, KeyError) as exc:
             raise GGUFError(f"{path} is not a readable GGUF file ({exc})") from None
         self.metadata: dict[str, Any] = {f.name: f.contents() for f in self.reader.fields.values()}
-        self.graph = ggml.Graph(len(self.reader.tensors) + 1)
         self.tensors: dict[str, ggml.Tensor] = {}
+        self.memory: list[tuple[ggml.Graph, int]] = []      # (context, buffer) per device, repacked copies too
+
+    def load(self, backend_of: Callable[[str], ggml.Backend], progress: Progress | None = None,
+             repack: Callable[[str], bool] = lambda name: False) -> None:
+        """Give every tensor memory on the backend `backend_of(name)` chooses, with the file's data."""
+        groups: dict[ggml.Backend, list] = {}
         for info in self.reader.tensors:
-            self.tensors[info.name] = self.graph.new(info.tensor_type, *map(int, info.shape), name=info.name)
-        base = self.reader.data.ctypes.data
-        self.buffer = backend.map_host(base, self.reader.data.nbytes)
-        if self.buffer is not None:
-            for info in self.reader.tensors:
-                ggml.place(self.buffer, self.tensors[info.name], base + info.data_offset)
-        else:
-            self.buffer = backend.alloc(self.graph)
-            for i, info in enumerate(self.reader.tensors):
-                ggml.tensor_set(self.tensors[info.name], np.asarray(info.data).view(np.uint8))
-                if progress:
-                    progress((i + 1) / len(self.reader.tensors))
-        self.repacked: tuple[ggml.Graph, int] | None = None
-        self._repack_for_cpu(backend, [info for info in self.reader.tensors if repack(info.name)])
+            groups.setdefault(backend_of(info.name), []).append(info)
+        copied, to_copy = 0, sum(len(infos) for b, infos in groups.items() if not b.maps_host_memory)
+        for backend, infos in groups.items():
+            graph = ggml.Graph(len(infos) + 1)
+            tensors = {info.name: graph.new(info.tensor_type, *map(int, info.shape), name=info.name) for info in infos}
+            base = self.reader.data.ctypes.data
+            buffer = backend.map_host(base, self.reader.data.nbytes)
+            if buffer is not None:
+                for info in infos:
+                    ggml.place(buffer, tensors[info.name], base + info.data_offset)
+            else:
+                buffer = backend.alloc(graph)
+                for info in infos:
+                    ggml.tensor_set(tensors[info.name], np.asarray(info.data).view(np.uint8))
+                    copied += 1
+                    if progress:
+                        progress(copied / to_copy)
+            self.memory.append((graph, buffer))
+            self.tensors.update(tensors)
+            self._repack_for_cpu(backend, [info for info in infos if repack(info.name)])
         if progress:
             progress(1.0)
 
@@ -78,7 +89,7 @@ class GGUFTensors:
         for c in chosen:
             ggml.tensor_set(tensors[c.name], np.asarray(c.data).view(np.uint8))
         self.tensors.update(tensors)
-        self.repacked = (graph, buffer)
+        self.memory.append((graph, buffer))
 
     def __getitem__(self, name: str) -> ggml.Tensor:
         try:
@@ -99,10 +110,7 @@ class GGUFTensors:
         return block(**values)
 
     def close(self) -> None:
-        if self.repacked:
-            ggml.free_buffer(self.repacked[1])
-            self.repacked[0].close()
-            self.repacked = None
-        ggml.free_buffer(self.buffer)
-        self.buffer = None
-        self.graph.close()
+        for graph, buffer in reversed(self.memory):
+            ggml.free_buffer(buffer)
+            graph.close()
+        self.memory.clear()

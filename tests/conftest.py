@@ -14,6 +14,19 @@ from tests.synthetic_checkpoint import small_config, write_checkpoint
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--devices", action="store_true",
+                     help="collect tests/devices: the runtime on ggml's RPC device (needs the RPC build; "
+                          "`make test-devices` builds it and passes this)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/devices runs only with --devices, in the RPC build's environment; `make test` leaves it out."""
+    if collection_path == Path(__file__).parent / "devices" and not config.getoption("--devices"):
+        return True
+    return None
+
+
 @pytest.fixture(autouse=True)
 def lva_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own store; nothing touches the real user folders."""
@@ -32,3 +45,13 @@ def run_lva(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     """`python -m assistant ARGS` in a subprocess: the real command line, exit code and streams."""
     return subprocess.run([sys.executable, "-m", "assistant", *args], capture_output=True, text=True,
                           cwd=REPO_ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say which paths of the attention kernel this CPU runs, so a path never passes unseen by not running."""
+    from models.kernels import attention
+
+    ran = attention.runnable_paths()
+    missing = [path for path in attention.PATHS if path not in ran]
+    terminalreporter.write_line(f"attention kernel paths run on this CPU: {', '.join(ran) or 'none (not built)'}; "
+                                f"not run: {', '.join(missing) or 'none'}")

@@ -132,7 +132,9 @@ def write_checkpoint(directory: Path, config: dict[str, Any], seed: int = 0, sha
                            zero_cross_attention_gates)
         weight_map.update({name: file_name for name in names})
     if len(shards) > 1:
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        total_size = sum(2 * int(np.prod(shape)) for shape in shapes.values())       # bf16, as published indexes say
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total_size},
+                                                                            "weight_map": weight_map}))
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(directory, config["text_config"]["vocab_size"])
     (directory / "preprocessor_config.json").write_text(json.dumps({
@@ -228,7 +230,8 @@ def _write_tokenizer(directory: Path, vocab_size: int) -> None:
                                                    "\\s+(?!\\S)|\\s+"},
              "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": None, "decoder": {"type": "ByteLevel"},
+        "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                               "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
                   "vocab": vocab, "merges": [f"{a} {b}" for a, b in MERGES]},

@@ -24,12 +24,14 @@ def test_plain_lva_shows_the_commands() -> None:
     result = run_lva()
     assert result.returncode == 0
     assert "convert" in result.stdout and "models" in result.stdout
+    assert "lva pull llama3.2-vision" in result.stdout and "import" in result.stdout
 
 
 def test_models_on_an_empty_store_says_how_to_get_one() -> None:
     result = run_lva("models")
     assert result.returncode == 0
     assert "no models" in result.stdout and "lva convert meta-llama/Llama-3.2-11B-Vision-Instruct" in result.stdout
+    assert "lva pull llama3.2-vision" in result.stdout
 
 
 def test_models_lists_pairs_and_flags_files_from_different_checkpoints(checkpoint_256: Path, lva_home: Path,

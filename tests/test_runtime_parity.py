@@ -2,7 +2,8 @@
 
 Every config, every case: logits at every position within 2e-3 with the same argmax, image or not;
 preprocessing within 1e-4 of the reference pixels; 32 greedy tokens equal to the reference's.
-F32 files and an F32 KV cache, so the only differences left are summation order.
+F32 files with the default settings, as DESIGN's contract promises (an F32 text file gets an F32 KV cache),
+so the only differences left are summation order.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def runtime(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     reference = json.loads((directory / "reference.json").read_text())
     pair = convert(str(directory / reference["checkpoint"]), tmp_path_factory.mktemp(request.param), quant="F32",
                    progress=False)
-    model = load_model(pair.text, n_ctx=512, kv_cache_type="f32")
+    model = load_model(pair.text, n_ctx=512)
     with np.load(directory / "reference.npz") as arrays:
         expected = {key: arrays[key] for key in arrays.files}
     yield reference, model, expected

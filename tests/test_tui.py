@@ -11,6 +11,7 @@ from textual import events
 from textual.widgets import OptionList
 
 from assistant import store
+from assistant.chat.feature_cache import FeatureCache
 from assistant.history import History
 from assistant.tui.app import LvaApp
 from assistant.tui.screens.chat import ChatScreen
@@ -168,6 +169,34 @@ def test_a_bad_image_path_is_a_notification_and_the_app_stays_alive(tmp_path):
     run_chat(scenario)
 
 
+def test_attaching_an_image_starts_the_encoder_and_sending_does_not_encode_again():
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        await paste(pilot, str(IMAGE))
+        await until(lambda: app.model.images_encoded == 1)          # before anything is sent
+        await app.workers.wait_for_complete()
+        await send(pilot, "what is in it?")
+        assert app.model.images_encoded == 1
+        assert screen.conversation.turns[0].image is not None          # the history's copy: the same pixels
+        key, _ = app.model.encode_image(IMAGE)                       # an in-memory cache hit: still one run
+        assert app.model.images_encoded == 1 and FeatureCache().load(key) is not None
+
+    run_chat(scenario)
+
+
+def test_removing_the_image_cancels_its_encode():
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        with app.model_lock:                    # the model is busy, so the encode waits to start
+            await paste(pilot, str(IMAGE))
+            encodes = [w for w in screen.workers if w.group == "encode"]
+            assert encodes and not encodes[0].is_cancelled
+            await pilot.press("f4")
+            assert encodes[0].is_cancelled and screen.attachment is None
+        await app.workers.wait_for_complete()
+        assert app.model.images_encoded == 0
+
+    run_chat(scenario)
+
+
 def test_esc_stops_an_answer_and_keeps_it_marked_stopped():
     async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
         screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=3500)
@@ -304,6 +333,7 @@ def test_without_a_model_the_first_run_screen_says_how_to_get_one():
             await pilot.pause()
             assert isinstance(app.screen, FirstRunScreen)
             text = app.screen.query_one("Markdown").source
+            assert "lva pull llama3.2-vision" in text
             assert "lva convert meta-llama/Llama-3.2-11B-Vision-Instruct" in text
             install_tiny_model()
             await pilot.press("r")

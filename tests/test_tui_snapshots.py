@@ -2,7 +2,8 @@
 
 Regenerate after a deliberate change of the look: `python -m pytest tests/test_tui_snapshots.py --snapshot-update`.
 Nothing time- or machine-dependent is on screen: no message is sent (so no tok/s), the screens shown have no
-paths or dates, and the status bar's backend is pinned to "CPU" (a GPU build would name its device).
+paths or dates. The status bar names the device the model runs on, as the app shows it: the CPU in this
+(CPU) build; a GPU build would name its device, so these snapshots belong to the CPU build.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ SIZE = (120, 36)
 
 
 async def ready(pilot):
-    """The chat screen with the model loaded; the status bar names the CPU whatever device the machine has."""
+    """The chat screen with the model loaded and the status bar naming its device."""
     screen = await chat_ready(pilot)
-    screen.query_one(StatusBar).backend = "CPU"
+    await until(lambda: screen.query_one(StatusBar).device == "CPU")
     await pilot.pause()
     return screen
 

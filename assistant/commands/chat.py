@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from assistant.commands import common
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("chat", help="chat about an image in the terminal app (the default)",
@@ -13,6 +15,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--model", help="model name in the store or path to a text GGUF "
                                         "(default: the only model in the store)")
     parser.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    common.add_device_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -22,5 +25,5 @@ def run(args: argparse.Namespace) -> int:
 
     model = getattr(args, "model", None)
     path: Path | None = store.resolve_model(model) if model else None
-    LvaApp(model_path=path, n_ctx=getattr(args, "ctx", 4096)).run()
+    LvaApp(model_path=path, n_ctx=getattr(args, "ctx", 4096), **common.device_options(args)).run()
     return 0

@@ -1,4 +1,4 @@
-"""What every model-running command shares: choosing and loading the model, sampling options."""
+"""What every model-running command shares: choosing and loading the model, its devices, sampling options."""
 
 from __future__ import annotations
 
@@ -21,6 +21,23 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=Sampling.top_k)
     parser.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
     parser.add_argument("--verbose", action="store_true", help="say on stderr what the model is doing")
+    add_device_options(parser)
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs: how many layers go to the GPU(s), and remote devices (ggml RPC servers)."""
+    parser.add_argument("--gpu-layers", type=int, default=-1, metavar="N",
+                        help="text layers to run on the GPU(s), the last N (default: all; 0: only the CPU); "
+                             "a smaller N fits a smaller GPU. The cross-attention layers follow them")
+    parser.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT]",
+                        help="also run on the devices of these ggml RPC servers (`lva rpc-server` on another "
+                             "machine); no authentication: use only on a network you trust")
+
+
+def device_options(args: argparse.Namespace) -> dict:
+    """`load_model` keyword arguments from --gpu-layers and --rpc (plain `lva` has neither: all layers, no RPC)."""
+    servers = [s.strip() for s in (getattr(args, "rpc", None) or "").split(",") if s.strip()]
+    return {"n_gpu_layers": getattr(args, "gpu_layers", -1), "rpc_servers": servers}
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:
@@ -36,7 +53,11 @@ def load(args: argparse.Namespace, text: Path | None = None):
 
     text = text or store.resolve_model(args.model)
     progress = _report if args.verbose else None
-    return load_model(text, n_ctx=args.ctx, n_threads=args.threads, progress=progress, feature_cache=FeatureCache())
+    model = load_model(text, n_ctx=args.ctx, n_threads=args.threads, progress=progress, feature_cache=FeatureCache(),
+                       **device_options(args))
+    if args.verbose:
+        print(f"lva: running on {model.placement.summary()}", file=sys.stderr)
+    return model
 
 
 def _report(stage: str, fraction: float) -> None:

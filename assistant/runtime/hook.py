@@ -6,6 +6,9 @@ back before any consumer runs; we read the rows, apply the cross layers that sit
 back. The same call at `embd` also puts the `<|image|>` embedding in place: the text file keeps a
 pure Llama vocabulary, so the image token goes to llama.cpp as a placeholder id.
 
+Where: each point's layers run on their own backend (the device of the self layer they follow, see
+placement.py); `l_out-i` may live on any device, so its rows go through the host both ways.
+
 Which rows: llama.cpp splits a batch into ubatches in order, and the `embd` node of each ubatch has
 its rows, so counting rows there tells every later node which positions it holds. The last layer
 keeps only the rows that produce logits (llama.cpp's `inp_out_ids`).
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
+from assistant.runtime.placement import self_layer_before
 from models import ggml
 from models.ggml import F32, Graph
 from models.mllama.cross_attention import Gates, cross_attention_layer
@@ -31,12 +35,10 @@ EMBEDDINGS_NODE = b"embd"
 def injection_points(cross_layers: list[int]) -> dict[bytes, list[int]]:
     """Node name -> the cross layers (stack indices, in order) that apply right after it.
 
-    A cross layer at stack index c follows self layer c - (cross layers before c) - 1 in the text
-    file's numbering; one at index 0 acts on the token embeddings.
+    One that follows no self layer (stack index 0) acts on the token embeddings.
     """
     points: dict[bytes, list[int]] = {}
-    for before, index in enumerate(sorted(cross_layers)):
-        self_layer = index - before - 1
+    for index, self_layer in sorted(self_layer_before(cross_layers).items()):
         node = EMBEDDINGS_NODE if self_layer < 0 else f"l_out-{self_layer}".encode()
         points.setdefault(node, []).append(index)
     return points
@@ -56,11 +58,13 @@ class Batch:
 class CrossAttentionHook:
     """Owns the callback handed to llama.cpp and the small graphs it runs per injection point."""
 
-    def __init__(self, backend: ggml.Backend, layers: dict[int, CrossAttentionLayer], gates: dict[int, Gates],
-                 hp: TextHParams, image_token_embedding: np.ndarray, image_token_id: int, n_self_layers: int) -> None:
-        self.backend, self.layers, self.gates, self.hp = backend, layers, gates, hp
-        self.scratch = ggml.Scratch(backend)
+    def __init__(self, backends: dict[int, ggml.Backend], layers: dict[int, CrossAttentionLayer],
+                 gates: dict[int, Gates], hp: TextHParams, image_token_embedding: np.ndarray, image_token_id: int,
+                 n_self_layers: int) -> None:
+        self.layers, self.gates, self.hp = layers, gates, hp
         self.points = injection_points(list(layers))
+        self.backends = {name: backends[indices[0]] for name, indices in self.points.items()}
+        self.scratches = {backend: ggml.Scratch(backend) for backend in dict.fromkeys(self.backends.values())}
         self.last_layer_node = f"l_out-{n_self_layers - 1}".encode()
         self.image_token_embedding = image_token_embedding
         self.image_token_id = image_token_id
@@ -114,6 +118,8 @@ class CrossAttentionHook:
         seeing = batch.positions[rows] >= self.image_start
         if not seeing.any():
             return
+        if name not in self.points and not (batch.tokens[rows] == self.image_token_id).any():
+            return                               # the embeddings, and no image token among them: nothing to do
         first = int(np.argmax(seeing))                # rows at or after the image start form a suffix
         x = np.empty((n_rows - first, n_embd), dtype=np.float32)
         row_bytes = n_embd * 4
@@ -130,13 +136,13 @@ class CrossAttentionHook:
         its scratch gave it, so graphs may share scratch memory only one at a time)."""
         if x.shape[0] == 1:
             if name not in self.decode_graphs:
-                self.decode_graphs[name] = (*self._build(name, 1), ggml.Scratch(self.backend))
+                self.decode_graphs[name] = (*self._build(name, 1), ggml.Scratch(self.backends[name]))
             g, x_in, x_out, scratch = self.decode_graphs[name]
             scratch.run(g, {x_in: x})
             return ggml.tensor_get(x_out).reshape(x.shape)
         g, x_in, x_out = self._build(name, x.shape[0])
         try:
-            self.scratch.run(g, {x_in: x})
+            self.scratches[self.backends[name]].run(g, {x_in: x})
             return ggml.tensor_get(x_out).reshape(x.shape)
         finally:
             g.close()
@@ -158,4 +164,5 @@ class CrossAttentionHook:
 
     def close(self) -> None:
         self._drop_graphs()
-        self.scratch.close()
+        for scratch in self.scratches.values():
+            scratch.close()

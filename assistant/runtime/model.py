@@ -1,7 +1,8 @@
 """A converted Llama 3.2 Vision pair running on llama.cpp: the runtime contract of DESIGN.md.
 
 The text file is a plain llama model decoded by llama.cpp; the vision file's tower and cross-attention
-layers run as ggml graphs on the same backend, joined to the decoder by `CrossAttentionHook`.
+layers run as ggml graphs on the devices llama.cpp uses (placement.py says which part goes where), joined
+to the decoder by `CrossAttentionHook`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import codecs
 import ctypes
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -19,19 +21,23 @@ import numpy as np
 from assistant.images import ImageSource, PreprocessedImage, content_id, load_image, preprocess
 from assistant.store import find_vision_file
 from assistant.runtime.hook import Batch, CrossAttentionHook
-from models import ggml
+from assistant.runtime.devices import offload_devices
+from assistant.runtime.placement import Placement
+from models import ggml, rpc
 from models.gguf_tensors import GGUFError, GGUFTensors
+from models.kernels.attention import KernelError
 from models.mllama import gguf_keys as K
 from models.mllama.cross_attention import Gates
 from models.mllama.hparams import MllamaHParams
 from models.mllama.vision import Image, ImageKV, VisionTower, encode, new_image_kv
-from models.mllama.weights import (CROSS_ATTENTION_GGUF_PREFIX, CrossAttentionLayer, ImageToken,
-                                   cross_attention_prefixes)
+from models.mllama.weights import CrossAttentionLayer, ImageToken, cross_attention_prefixes, cross_layer_of
 
 Progress = Callable[[str, float], None]
 IMAGE_TOKEN = "<|image|>"
 IMAGE_CACHE_SIZE = 4
 KV_CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+ALL_LAYERS = -1                                   # llama.cpp's n_gpu_layers for "offload everything"
+LOG_ERROR = 4                                     # GGML_LOG_LEVEL_ERROR
 
 
 class FeatureStore(Protocol):
@@ -46,31 +52,65 @@ class ModelError(ValueError):
     """A model, prompt or image the runtime cannot use; the message is one line for the user."""
 
 
-def _quiet_llama_logs() -> None:
-    """llama.cpp logs every tensor it loads on stderr; lva reports errors itself."""
+def _route_llama_logs() -> None:
+    """llama.cpp logs every tensor it loads on stderr; lva keeps quiet, reads what it needs, reports errors itself."""
     global _LOG_CALLBACK
-    _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    _LOG_CALLBACK = llama_cpp.llama_log_callback(_on_llama_log)
     llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
+def _on_llama_log(level: int, text: bytes, _user_data) -> None:
+    if _LOG_LINES is not None:
+        _LOG_LINES.append((level, text.decode(errors="replace")))
+
+
 _LOG_CALLBACK = None
+_LOG_LINES: list[tuple[int, str]] | None = None
+
+
+@contextmanager
+def _llama_log() -> Iterator[list[tuple[int, str]]]:
+    """(level, text) of what llama.cpp and ggml log while the block runs."""
+    global _LOG_LINES
+    _LOG_LINES = lines = []
+    try:
+        yield lines
+    finally:
+        _LOG_LINES = None
+
+
+def _out_of_memory(lines: list[tuple[int, str]]) -> str | None:
+    """llama.cpp's own words when an allocation failed, else None."""
+    return next((text.strip() for level, text in lines if level == LOG_ERROR and "allocate" in text), None)
 
 
 class VisionFile:
-    """The vision GGUF on the backend: tower, cross layers, image-token embedding, hyperparameters."""
+    """The vision GGUF on its devices: tower, cross layers, image-token embedding, hyperparameters.
 
-    def __init__(self, path: Path, backend: ggml.Backend, progress: Progress | None) -> None:
-        # The cross layers run for every decoded token: give them the CPU's repacked layouts, as llama.cpp
-        # gives its own layers. The vision tower runs once per image and stays memory-mapped.
-        self.tensors = GGUFTensors(path, backend, progress=(lambda f: progress("loading vision model", f))
-                                   if progress else None, repack=lambda name: name.startswith(CROSS_ATTENTION_GGUF_PREFIX))
+    Read in two steps: `VisionFile(path)` reads the hyperparameters, `load` places the weights.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.tensors = GGUFTensors(path)
         meta = self.tensors.metadata
         if meta.get("general.architecture") != K.ARCHITECTURE:
             raise ModelError(f"{path.name} is not an lva vision file (architecture "
                              f"{meta.get('general.architecture')!r})")
         self.pair_id = meta.get(K.PAIR_ID)
         self.hp = MllamaHParams.from_gguf_metadata(meta)
-        self.tower = VisionTower.load(self.tensors, self.hp.vision)
+
+        self.tower: VisionTower | None = None
+
+    def load(self, backend_of: Callable[[str], ggml.Backend], tower_on_cpu: bool, progress: Progress | None) -> None:
+        """Place every tensor on the backend `backend_of(name)` names (the tower's is the CPU or not)."""
+        # The cross layers run for every decoded token: on the CPU, give them its repacked layouts, as
+        # llama.cpp gives its own layers. The vision tower runs once per image and stays memory-mapped.
+        self.tensors.load(backend_of, (lambda f: progress("loading vision model", f)) if progress else None,
+                          repack=lambda name: cross_layer_of(name)[0] is not None)
+        try:
+            self.tower = VisionTower.load(self.tensors, self.hp.vision, on_cpu=tower_on_cpu)
+        except KernelError as exc:
+            raise ModelError(str(exc)) from None
         self.cross_layers: dict[int, CrossAttentionLayer] = {}
         self.gates: dict[int, Gates] = {}
         for index in self.hp.text.cross_attention_layers:
@@ -84,6 +124,8 @@ class VisionFile:
         self.image_token_embedding = np.asarray(info.data, dtype=np.float32).reshape(-1).copy()
 
     def close(self) -> None:
+        if self.tower:
+            self.tower.close()
         self.tensors.close()
 
 
@@ -91,9 +133,10 @@ class MllamaModel:
     """See DESIGN.md, "The runtime contract". Not thread-safe: one caller at a time."""
 
     def __init__(self, text_path: Path, vision_path: Path | None, n_ctx: int = 4096, n_threads: int | None = None,
-                 kv_cache_type: str = "f16", n_batch: int = 512, n_ubatch: int | None = None,
-                 progress: Progress | None = None, feature_cache: FeatureStore | None = None) -> None:
-        _quiet_llama_logs()
+                 kv_cache_type: str | None = None, n_batch: int = 512, n_ubatch: int | None = None,
+                 progress: Progress | None = None, feature_cache: FeatureStore | None = None,
+                 n_gpu_layers: int = ALL_LAYERS, rpc_servers: Sequence[str] = ()) -> None:
+        _route_llama_logs()
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
         self.n_batch = n_batch                      # tokens per llama_decode call (at most n_ctx)
@@ -102,12 +145,20 @@ class MllamaModel:
         self.images_encoded = 0                     # runs of the vision encoder (cache hits do not count)
         self.feature_cache = feature_cache
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type]
+        if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
+            raise ModelError(f"unknown KV cache type {kv_cache_type!r} (one of {', '.join(KV_CACHE_TYPES)})")
         self.text_path = Path(text_path)
-        self._model = self._load_text(self.text_path, progress)
+        self.n_gpu_layers = n_gpu_layers
+        try:
+            self.offload_devices = offload_devices(rpc_servers)
+        except rpc.RpcError as exc:
+            raise ModelError(str(exc)) from None
+        self._backends: dict[str, ggml.Backend] = {}
+        self._model = None
+        self._model, self.placement = self._load_text(self.text_path, progress)
+        self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type or self._default_kv_cache_type()]
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.backend = ggml.Backend(self.n_threads)
         self.vision: VisionFile | None = None
         self.hook: CrossAttentionHook | None = None
         self._scratch: ggml.Scratch | None = None
@@ -122,20 +173,50 @@ class MllamaModel:
     # ------------------------------------------------------------------------------------------ loading
 
     def _load_text(self, path: Path, progress: Progress | None):
+        """llama.cpp's model, and where it put each layer (it logs that while it loads)."""
         if not path.is_file():
             raise ModelError(f"{path}: no such model file")
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 999
+        params.n_gpu_layers = self.n_gpu_layers
+        self._device_list = (ctypes.c_void_p * (len(self.offload_devices) + 1))(
+            *(d.handle for d in self.offload_devices), None)
+        params.devices = ctypes.addressof(self._device_list)
         if progress:
             def on_progress(fraction: float, _user_data) -> bool:
                 progress("loading text model", float(fraction))
                 return True
             self._load_progress = llama_cpp.llama_progress_callback(on_progress)
             params.progress_callback = self._load_progress
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        with _llama_log() as log:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
+            out_of_memory = _out_of_memory(log)
+            if out_of_memory:
+                raise ModelError(f"{path.name} does not fit ({out_of_memory}); {self._fewer_layers_hint()}")
             raise ModelError(f"{path.name} could not be loaded by llama.cpp (not a GGUF text model, or truncated)")
-        return model
+        n_layer = llama_cpp.llama_model_n_layer(model)
+        return model, Placement.from_llama_log([text for _, text in log], n_layer)
+
+    def _fewer_layers_hint(self) -> str:
+        if self.n_gpu_layers == 0:
+            return "free some memory or use a smaller model"
+        shown = "all" if self.n_gpu_layers < 0 else str(self.n_gpu_layers)
+        return f"try a smaller --gpu-layers (now {shown}; 0 runs everything on the CPU)"
+
+    def backend_for(self, device_name: str) -> ggml.Backend:
+        """The backend of a device, started on first use (one per device, shared by every part placed there)."""
+        if device_name not in self._backends:
+            device = ggml.device_named(device_name)
+            if device is None:
+                raise ModelError(f"llama.cpp placed layers on {device_name}, which ggml does not know")
+            self._backends[device_name] = ggml.Backend(self.n_threads, device)
+        return self._backends[device_name]
+
+    def _default_kv_cache_type(self) -> str:
+        """F32 weights get an F32 cache, so an F32 pair is exact by default (an F16 cache moves its logits by
+        ~3e-3); everything else gets llama.cpp's F16."""
+        all_f32 = self._text_metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)
+        return "f32" if all_f32 else "f16"
 
     def _text_metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
@@ -169,7 +250,7 @@ class MllamaModel:
         if not path.is_file():
             raise ModelError(f"{path}: no such vision file")
         try:
-            vision = VisionFile(path, self.backend, progress)
+            vision = VisionFile(path)
         except GGUFError as exc:
             raise ModelError(str(exc)) from None
         text_pair = self._text_metadata(K.PAIR_ID)
@@ -177,11 +258,31 @@ class MllamaModel:
             vision.close()
             raise ModelError(f"{path.name} is not the vision file of {self.text_path.name} (they were converted "
                              f"separately); use the pair `lva convert` wrote together")
+        self.placement = self.placement.with_cross_layers(vision.hp.text.cross_attention_layers)
+        try:
+            vision.load(lambda name: self.backend_for(self.placement.device_of_vision_tensor(name)),
+                        self.vision_backend.is_cpu, progress)
+        except (GGUFError, ModelError) as exc:
+            vision.close()
+            raise ModelError(str(exc)) from None
+        except ggml.DeviceError as exc:
+            vision.close()
+            raise ModelError(f"{path.name} does not fit ({exc}); {self._fewer_layers_hint()}") from None
         self.vision = vision
-        self._scratch = ggml.Scratch(self.backend)
+        self._scratch = ggml.Scratch(self.vision_backend)
         n_self = llama_cpp.llama_model_n_layer(self._model)
-        self.hook = CrossAttentionHook(self.backend, vision.cross_layers, vision.gates, vision.hp.text,
+        self.hook = CrossAttentionHook(self.cross_backends, vision.cross_layers, vision.gates, vision.hp.text,
                                        vision.image_token_embedding, vision.hp.image_token_id, n_self)
+
+    @property
+    def vision_backend(self) -> ggml.Backend:
+        """Where the vision tower runs."""
+        return self.backend_for(self.placement.vision)
+
+    @property
+    def cross_backends(self) -> dict[int, ggml.Backend]:
+        """Where each cross layer runs and keeps its image K/V (stack index -> backend)."""
+        return {index: self.backend_for(name) for index, name in self.placement.cross_layers.items()}
 
     # ------------------------------------------------------------------------------------------ text
 
@@ -220,8 +321,12 @@ class MllamaModel:
         return preprocess(load_image(image), vision.hp.preprocessing, v.image_size, v.max_num_tiles,
                           v.supported_aspect_ratios)
 
-    def encode_image(self, image: ImageSource, progress: Progress | None = None) -> tuple[str, ImageKV]:
-        """K/V of every cross layer for an image, from the in-memory cache when this image was seen."""
+    def encode_image(self, image: ImageSource, progress: Progress | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> tuple[str, ImageKV]:
+        """K/V of every cross layer for an image, from the in-memory cache when this image was seen.
+
+        `cancelled()` is asked between the encoder's stages (about a second apart on a CPU); when it says
+        True, EncodeCancelled is raised and nothing is kept."""
         vision = self._require_vision()
         picture = load_image(image)
         key = f"{content_id(picture)}:{vision.pair_id}"
@@ -230,10 +335,14 @@ class MllamaModel:
             return key, self._images[key]
         v = vision.hp.vision
         pre = preprocess(picture, vision.hp.preprocessing, v.image_size, v.max_num_tiles, v.supported_aspect_ratios)
+        if progress:
+            progress("encoding image", 0.0)          # preprocessed: the encoder's stages follow
         cached = self.feature_cache.load(key) if self.feature_cache else None
         if cached is not None:
-            kv = new_image_kv(self.backend, vision.cross_layers, vision.hp, pre.num_tiles * v.num_patches,
-                              vision.kv_type)
+            try:
+                kv = new_image_kv(self.cross_backends, vision.hp, pre.num_tiles * v.num_patches, vision.kv_type)
+            except ggml.DeviceError as exc:
+                raise ModelError(f"the image cannot be kept on its device: {exc}") from None
             try:
                 kv.load_arrays(cached)
             except (KeyError, ValueError):                # an entry from another layout: encode instead
@@ -243,9 +352,14 @@ class MllamaModel:
             self._images[key] = kv
             self._evict_images()
             return key, kv
-        kv = encode(self.backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
-                    Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
-                    (lambda f: progress("encoding image", f)) if progress else None)
+        try:
+            kv = encode(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
+                        Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
+                        (lambda f: progress("encoding image", f)) if progress else None, cancelled)
+            if any(backend is not self.vision_backend for backend in self.cross_backends.values()):
+                kv = kv.moved_to(self.cross_backends, vision.hp)
+        except ggml.DeviceError as exc:
+            raise ModelError(f"the image cannot be encoded: {exc}") from None
         self._images[key] = kv
         self.images_encoded += 1
         if self.feature_cache:
@@ -290,9 +404,14 @@ class MllamaModel:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if self.hook is not None:
             params.cb_eval = self.hook.callback
-        ctx = llama_cpp.llama_init_from_model(self._model, params)
+        with _llama_log() as log:
+            ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
-            raise ModelError(f"could not create a llama.cpp context of {n_ctx} tokens (out of memory?)")
+            out_of_memory = _out_of_memory(log)
+            if out_of_memory:
+                raise ModelError(f"a context of {n_ctx} tokens does not fit ({out_of_memory}); a smaller --ctx "
+                                 f"may fit, or {self._fewer_layers_hint()}")
+            raise ModelError(f"could not create a llama.cpp context of {n_ctx} tokens")
         return ctx
 
     def _bind(self, token_ids: Sequence[int], image: ImageSource | None,
@@ -337,6 +456,8 @@ class MllamaModel:
                                                              dtype=np.int32), wanted))
                 status = llama_cpp.llama_decode(ctx, batch)
                 if self.hook is not None and self.hook.error is not None:
+                    if isinstance(self.hook.error, ggml.DeviceError):
+                        raise ModelError(f"a cross-attention layer cannot run: {self.hook.error}") from None
                     raise self.hook.error
                 if status != 0:
                     raise ModelError(f"llama.cpp could not evaluate the prompt (status {status}; "
@@ -484,7 +605,9 @@ class MllamaModel:
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
-        self.backend.close()
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
 
 
 def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
@@ -499,11 +622,19 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 
 
 def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | None = None, n_ctx: int = 4096,
-               n_threads: int | None = None, kv_cache_type: str = "f16", n_batch: int = 512,
+               n_threads: int | None = None, kv_cache_type: str | None = None, n_batch: int = 512,
                n_ubatch: int | None = None, progress: Progress | None = None,
-               feature_cache: FeatureStore | None = None) -> MllamaModel:
-    """Load a converted pair; the vision file is found beside the text file when not given."""
+               feature_cache: FeatureStore | None = None, n_gpu_layers: int = ALL_LAYERS,
+               rpc_servers: Sequence[str] = ()) -> MllamaModel:
+    """Load a converted pair; the vision file is found beside the text file when not given.
+
+    `kv_cache_type` (f32, f16, q8_0) follows the text weights unless given: F32 for an F32 file, else F16.
+    `n_gpu_layers`: text layers llama.cpp offloads to the GPUs (the last ones; -1: all, 0: none; the output
+    layer counts as one); lva's cross layers follow them (placement.py). `rpc_servers`: HOST:PORT of ggml
+    RPC servers whose devices join the offload devices, ahead of this machine's GPUs.
+    """
     text_path = Path(text_gguf)
     vision_path = Path(vision_gguf) if vision_gguf is not None else find_vision_file(text_path)
     return MllamaModel(text_path, vision_path, n_ctx=n_ctx, n_threads=n_threads, kv_cache_type=kv_cache_type,
-                       n_batch=n_batch, n_ubatch=n_ubatch, progress=progress, feature_cache=feature_cache)
+                       n_batch=n_batch, n_ubatch=n_ubatch, progress=progress, feature_cache=feature_cache,
+                       n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers)

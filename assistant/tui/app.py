@@ -6,7 +6,9 @@ settings for new conversations. The model loads in a worker; `ChatScreen` does t
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Sequence
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -35,15 +37,19 @@ class LvaApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    def __init__(self, model_path: Path | None = None, n_ctx: int = 4096) -> None:
-        """`model_path`: a text GGUF; None chooses the only installed model (or asks, when there are several)."""
+    def __init__(self, model_path: Path | None = None, n_ctx: int = 4096, n_gpu_layers: int = -1,
+                 rpc_servers: Sequence[str] = ()) -> None:
+        """`model_path`: a text GGUF; None chooses the only installed model (or asks, when there are several).
+        `n_gpu_layers` and `rpc_servers` say where it runs, as `load_model`'s do."""
         super().__init__()
         self.model_path = model_path
         self.n_ctx = n_ctx
+        self.n_gpu_layers, self.rpc_servers = n_gpu_layers, list(rpc_servers)
         self.history = History()
         self.settings = Settings()
         self.model = None
         self.engine: ChatEngine | None = None
+        self.model_lock = threading.Lock()       # the model runs one worker at a time (encode ahead, answer)
 
     @property
     def model_label(self) -> str:
@@ -88,7 +94,8 @@ class LvaApp(App):
                 self.call_from_thread(self.chat.show_progress, f"loading {stage}", min(fraction, 0.999))
 
         try:
-            model = load_model(text_path, n_ctx=self.n_ctx, progress=progress, feature_cache=FeatureCache())
+            model = load_model(text_path, n_ctx=self.n_ctx, progress=progress, feature_cache=FeatureCache(),
+                               n_gpu_layers=self.n_gpu_layers, rpc_servers=self.rpc_servers)
             engine = ChatEngine(model)
         except (ModelError, ChatError, OSError) as error:
             self.call_from_thread(self.notify, str(error), title="Cannot load the model", severity="error")
@@ -96,7 +103,8 @@ class LvaApp(App):
         finally:
             if self.chat is not None:
                 self.call_from_thread(self.chat.show_progress, "", 1.0)
-        self.call_from_thread(self._model_loaded, text_path, model, engine)
+        with self.model_lock:                    # not while the old model is encoding or answering
+            self.call_from_thread(self._model_loaded, text_path, model, engine)
 
     def _model_loaded(self, text_path: Path, model, engine: ChatEngine) -> None:
         old, self.model, self.engine, self.model_path = self.model, model, engine, text_path

@@ -42,3 +42,8 @@ PREPROCESS_DO_CONVERT_RGB = "mllama.preprocess.do_convert_rgb"
 PREPROCESS_DO_NORMALIZE = "mllama.preprocess.do_normalize"
 PREPROCESS_DO_RESCALE = "mllama.preprocess.do_rescale"
 PREPROCESS_DO_PAD = "mllama.preprocess.do_pad"
+
+# Where an imported pair came from (`lva import` / `lva pull`); absent from converted pairs.
+OLLAMA_MODEL = "mllama.ollama.model"             # host/namespace/model:tag@sha256:<model blob>
+OLLAMA_CONVERTER = "mllama.ollama.converter"     # which of Ollama's converters wrote the blob, and how we know
+CHAT_TEMPLATE_SOURCE = "mllama.chat_template_source"   # "ollama-gguf" or "llama-3.2-vision-instruct"

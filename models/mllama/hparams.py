@@ -183,6 +183,17 @@ class VisionHParams:
         return (self.image_size // self.patch_size) ** 2 + 1
 
 
+def hf_aspect_ratios(max_num_tiles: int) -> list[tuple[int, int]]:
+    """HF's `get_all_supported_aspect_ratios`: every (rows, cols) with rows * cols <= max_num_tiles.
+
+    HF quirk: the processor picks the tile grid and numbers aspect_ratio_id from this list alone, never
+    from the checkpoint's `supported_aspect_ratios`, of which the model itself reads only the length (rows
+    of its aspect-ratio embeddings). The published checkpoints' lists equal this one, and so does the list
+    Ollama's runtime built from `max_num_tiles` (model/models/mllama/process_image.go).
+    """
+    return [(a, b) for a in range(1, max_num_tiles + 1) for b in range(1, max_num_tiles + 1) if a * b <= max_num_tiles]
+
+
 @dataclass(frozen=True)
 class ImagePreprocessing:
     """The checkpoint's MllamaImageProcessor constants; read them, never assume CLIP's."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from textual import on, work
+from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -18,7 +19,7 @@ from textual.widgets import Footer, Label, ProgressBar
 from assistant.chat import saved
 from assistant.chat.engine import ChatError, Conversation, Reply, Turn
 from assistant.images import ImageError, load_image
-from assistant.runtime import ModelError
+from assistant.runtime import EncodeCancelled, ModelError
 from assistant.tui.widgets.attachment_bar import AttachmentBar, describe_image
 from assistant.tui.widgets.chat_log import AssistantMessage, ChatLog
 from assistant.tui.widgets.conversation_list import ConversationList
@@ -154,8 +155,34 @@ class ChatScreen(Screen):
         return True
 
     def set_attachment(self, path: Path | None, description: str = "") -> None:
+        """Show (or clear) the image for the next message, and start encoding it while the message is typed;
+        removing or replacing it cancels that encode."""
         self.attachment = path
         self.query_one(AttachmentBar).attach(path, description)
+        self.workers.cancel_group(self, "encode")
+        model = self.app.model
+        if path is not None and model is not None and model.vision is not None:
+            self.encode_ahead(path)
+
+    @work(thread=True, exclusive=True, group="encode")
+    def encode_ahead(self, path: Path) -> None:
+        """Encode the attached image into the model's caches (memory and disk); sending finds it there.
+
+        The model runs one thing at a time: this holds the app's model lock, so a message sent meanwhile
+        waits for the encode instead of starting a second one."""
+        app, worker = self.app, get_current_worker()
+        with app.model_lock:
+            if worker.is_cancelled or app.model is None:
+                return
+            try:
+                app.model.encode_image(path, cancelled=lambda: worker.is_cancelled,
+                                       progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
+            except EncodeCancelled:
+                pass
+            except (ImageError, ModelError, OSError) as error:
+                app.call_from_thread(self.notify, str(error), title="Cannot encode the image", severity="error")
+            finally:
+                app.call_from_thread(self.show_progress, "", 1.0)
 
     @on(PromptInput.ImagePasted)
     def image_pasted(self, event: PromptInput.ImagePasted) -> None:
@@ -231,6 +258,7 @@ class ChatScreen(Screen):
         encoded first (with a progress bar, instant when cached), then the answer streams into `message`."""
         app, model = self.app, self.app.model
         status = "error"
+        app.model_lock.acquire()                  # after an encode of the attached image still running
         try:
             replies: list[Reply] = []
             pieces = begin(replies)
@@ -256,6 +284,7 @@ class ChatScreen(Screen):
         except (ChatError, ImageError, ModelError, OSError) as error:
             app.call_from_thread(self.notify, str(error), title="Cannot answer", severity="error")
         finally:
+            app.model_lock.release()
             app.call_from_thread(self._generation_done, message, status)
 
     def _conversation_started(self) -> None:
@@ -295,7 +324,7 @@ class ChatScreen(Screen):
             return
         status.model_name = model.text_path.name
         status.context_size = model.n_ctx
-        status.backend = "CPU" if model.backend.is_cpu else model.backend.name
+        status.device = model.placement.summary()
         if reply is not None:
             status.context_used = reply.prompt_tokens + reply.completion_tokens
             status.tokens_per_second = reply.completion_tokens / reply.seconds if reply.seconds else 0.0

@@ -13,8 +13,15 @@ from assistant import store
 HOW_TO = """\
 # No model yet
 
-lva runs Llama 3.2 Vision on your machine, offline. Convert a model once (it downloads the
-checkpoint from Hugging Face; you need to have accepted Meta's licence there):
+lva runs Llama 3.2 Vision on your machine, offline. Get a model once. The quickest way downloads
+Ollama's ready Q4_K_M (about 8 GB, no account needed):
+
+```
+lva pull llama3.2-vision
+```
+
+If Ollama already downloaded it, `lva import llama3.2-vision` uses that copy instead. Or convert
+Meta's checkpoint from Hugging Face (accept Meta's licence there first), in any quantization:
 
 ```
 lva convert meta-llama/Llama-3.2-11B-Vision-Instruct

@@ -1,4 +1,4 @@
-"""One line at the bottom: the model, context used of available, tokens/s, the backend."""
+"""One line at the bottom: the model, context used of available, tokens/s, the device it runs on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class StatusBar(Static):
     context_used = reactive(0)
     context_size = reactive(0)
     tokens_per_second = reactive(0.0)
-    backend = reactive("")
+    device = reactive("")           # e.g. CPU, CUDA0, "RPC0 20/32 layers + CPU 12/32 layers"
 
     def render(self) -> str:
         parts = [self.model_name]
@@ -19,6 +19,6 @@ class StatusBar(Static):
             parts.append(f"context {self.context_used}/{self.context_size}")
         if self.tokens_per_second:
             parts.append(f"{self.tokens_per_second:.1f} tok/s")
-        if self.backend:
-            parts.append(self.backend)
+        if self.device:
+            parts.append(self.device)
         return "  │  ".join(parts)

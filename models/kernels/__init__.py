@@ -1,0 +1,1 @@
+"""Native kernels where ggml lacks one: a C file each, built on install, with its ctypes loader."""

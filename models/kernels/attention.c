@@ -1,0 +1,583 @@
+/* Fused softmax attention for the mllama vision encoder, as a ggml custom op (`ggml_custom_4d`).
+ *
+ * What it computes, for every head h (hd = d / heads values of a row) and query token t:
+ *     out[t, h] = softmax_s(scale * q[t, h] . k[s, h]) . v[s, h]
+ * over the keys s < n_kv for the queries t < real, and over the keys s < real for the queries t >= real.
+ * That is the encoder's real-first token order (models/mllama/vision.py, `encoder_order`): real tokens see
+ * every token, padding sees only the real ones, so attention needs no mask.
+ *
+ * Layouts, ggml order (ne[0] is contiguous): src[0] = q [d, n_q], src[1] = k [d, n_kv], src[2] = v [d, n_kv],
+ * dst = out [d, n_q]; all F32 with contiguous rows (nb[0] = 4). The userdata is a `struct lva_attention_params`.
+ *
+ * Work split: every CPU graph thread calls the op with its ith of nth. The work is the list of
+ * (head, block of queries) items in head order; each thread takes a contiguous run of them of equal cost
+ * (queries x keys). A thread packs the K/V of each head it meets into its own scratch memory, which this
+ * file allocates and frees within the call, so nothing is shared between threads.
+ *
+ * Paths (chosen by the caller; `lva_attention_paths` says which this CPU runs, detected at run time):
+ *   reference    plain C in F32, row by row: the yardstick for the tests.
+ *   avx2         AVX2 + FMA + F16C: K and V stored as F16, Q, scores and accumulation in F32.
+ *   avx512bf16   AVX-512F/BW + AVX512_BF16: Q, K, V and the probabilities P rounded to BF16, as torch's BF16
+ *                flash attention does; Q.K^T and P.V with _mm512_dpbf16_ps, online softmax in F32.
+ * The SIMD paths are flash attention (online softmax over blocks of KEY_BLOCK keys, queries in blocks of
+ * QUERY_BLOCK) with register-blocked micro-kernels, after torch's aten/src/ATen/native/cpu/
+ * FlashAttentionKernel.cpp (BSD-3-Clause) in structure; the code is our own.
+ * The exp is Cephes' expf (Cody-Waite reduction and its polynomial, public domain), vectorised.
+ *
+ * The few fields of `struct ggml_tensor` read here mirror ggml.h of llama-cpp-python 0.3.36, as
+ * models/ggml.py's TensorStruct does; `lva_attention_tensor_offsets` lets Python check they agree.
+ */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LVA_X86 1
+#include <immintrin.h>
+#endif
+
+/* ---------------------------------------------------------------------------------------- ggml's tensor */
+
+struct ggml_tensor {                          /* ggml.h, llama-cpp-python 0.3.36 */
+    int type;
+    void *buffer;
+    int64_t ne[4];
+    size_t nb[4];
+    int op;
+    int32_t op_params[16];
+    int32_t flags;
+    struct ggml_tensor *src[10];
+    struct ggml_tensor *view_src;
+    size_t view_offs;
+    void *data;
+    char name[64];
+    void *extra;
+    char padding[8];
+};
+
+/* Offsets of the fields read here, and the struct's size, for the layout check on the Python side. */
+void lva_attention_tensor_offsets(size_t out[5]) {
+    out[0] = offsetof(struct ggml_tensor, ne);
+    out[1] = offsetof(struct ggml_tensor, nb);
+    out[2] = offsetof(struct ggml_tensor, src);
+    out[3] = offsetof(struct ggml_tensor, data);
+    out[4] = sizeof(struct ggml_tensor);
+}
+
+/* ---------------------------------------------------------------------------------------- the problem */
+
+enum { PATH_REFERENCE = 0, PATH_AVX2 = 1, PATH_AVX512BF16 = 2 };
+
+struct lva_attention_params {
+    int32_t heads;
+    int32_t real;                             /* queries before it see all keys; the rest see keys < real */
+    float scale;
+    int32_t path;
+};
+
+struct problem {
+    int64_t hd, heads, n_q, n_kv, real;
+    float scale;
+    const char *q, *k, *v;
+    char *out;
+    size_t q_row, k_row, v_row, out_row;      /* bytes from one token to the next */
+};
+
+static inline const float *q_at(const struct problem *p, int64_t t, int64_t h) {
+    return (const float *)(p->q + t * p->q_row) + h * p->hd;
+}
+static inline const float *k_at(const struct problem *p, int64_t s, int64_t h) {
+    return (const float *)(p->k + s * p->k_row) + h * p->hd;
+}
+static inline const float *v_at(const struct problem *p, int64_t s, int64_t h) {
+    return (const float *)(p->v + s * p->v_row) + h * p->hd;
+}
+static inline float *out_at(const struct problem *p, int64_t t, int64_t h) {
+    return (float *)(p->out + t * p->out_row) + h * p->hd;
+}
+
+static inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* One path: how many queries it takes at a time, its scratch size, packing a head's K/V, and attending. */
+struct path {
+    int64_t query_block;
+    size_t (*scratch_bytes)(const struct problem *p);
+    void (*pack_head)(const struct problem *p, int64_t head, void *scratch);
+    void (*attend)(const struct problem *p, int64_t head, int64_t first, int64_t count, int64_t keys, void *scratch);
+};
+
+static void *scratch_alloc(size_t bytes) {
+    void *memory = aligned_alloc(64, (size_t)round_up((int64_t)bytes, 64));
+    if (!memory) {
+        fprintf(stderr, "lva attention: out of memory for %zu bytes of scratch\n", bytes);
+        abort();                              /* as ggml does when a CPU op cannot get memory */
+    }
+    return memory;
+}
+
+/* This thread's share of the items, in head order, so that it packs each head it meets once. */
+static void run(const struct path *path, const struct problem *p, int ith, int nth) {
+    const double per_head = (double)p->real * p->n_kv + (double)(p->n_q - p->real) * p->real;
+    const double total = per_head * p->heads, lo = total * ith / nth, hi = total * (ith + 1) / nth;
+    void *scratch = NULL;
+    int64_t packed = -1;
+    double done = 0;
+    for (int64_t h = 0; h < p->heads; h++) {
+        for (int region = 0; region < 2; region++) {
+            const int64_t begin = region ? p->real : 0, end = region ? p->n_q : p->real;
+            const int64_t keys = region ? p->real : p->n_kv;
+            for (int64_t first = begin; first < end; first += path->query_block) {
+                const int64_t count = min64(path->query_block, end - first);
+                const double cost = (double)count * keys, middle = done + cost / 2;
+                done += cost;
+                if (middle < lo || middle >= hi) continue;
+                if (!scratch) scratch = scratch_alloc(path->scratch_bytes(p));
+                if (packed != h) {
+                    path->pack_head(p, h, scratch);
+                    packed = h;
+                }
+                path->attend(p, h, first, count, keys, scratch);
+            }
+        }
+    }
+    free(scratch);
+}
+
+/* ---------------------------------------------------------------------------------------- reference */
+
+static size_t reference_scratch_bytes(const struct problem *p) { return (size_t)p->n_kv * sizeof(float); }
+
+static void reference_pack_head(const struct problem *p, int64_t head, void *scratch) {
+    (void)p, (void)head, (void)scratch;       /* reads q, k, v in place */
+}
+
+static void reference_attend(const struct problem *p, int64_t h, int64_t first, int64_t count, int64_t keys,
+                             void *scratch) {
+    float *scores = scratch;
+    for (int64_t t = first; t < first + count; t++) {
+        const float *q = q_at(p, t, h);
+        float max = -INFINITY, sum = 0;
+        for (int64_t s = 0; s < keys; s++) {
+            const float *k = k_at(p, s, h);
+            float dot = 0;
+            for (int64_t i = 0; i < p->hd; i++) dot += q[i] * k[i];
+            scores[s] = dot * p->scale;
+            if (scores[s] > max) max = scores[s];
+        }
+        for (int64_t s = 0; s < keys; s++) {
+            scores[s] = expf(scores[s] - max);
+            sum += scores[s];
+        }
+        float *out = out_at(p, t, h);
+        for (int64_t i = 0; i < p->hd; i++) out[i] = 0;
+        for (int64_t s = 0; s < keys; s++) {
+            const float *v = v_at(p, s, h), weight = scores[s] / sum;
+            for (int64_t i = 0; i < p->hd; i++) out[i] += weight * v[i];
+        }
+    }
+}
+
+static const struct path reference_path = {1, reference_scratch_bytes, reference_pack_head, reference_attend};
+
+/* ---------------------------------------------------------------------------------------- shared by the SIMD paths */
+
+enum { QUERY_BLOCK = 96, KEY_BLOCK = 256 };   /* S and P for a block: 96 x 256 F32 = 96 KiB, in L2 */
+
+/* The SIMD paths' scratch, carved out of one allocation. hdp = hd padded to 16 (zeros). */
+struct blocks {
+    int64_t hdp, key_blocks;
+    uint16_t *k, *v;                          /* a head's packed keys and values, every key block */
+    void *q;                                  /* the query block, packed */
+    float *s;                                 /* scores, then (AVX2) probabilities: [QUERY_BLOCK][KEY_BLOCK] */
+    uint16_t *p;                              /* (BF16) probabilities: [QUERY_BLOCK][KEY_BLOCK] */
+    float *o, *max, *sum;                     /* [QUERY_BLOCK][hdp], [QUERY_BLOCK], [QUERY_BLOCK] */
+};
+
+static size_t blocks_bytes(const struct problem *p, size_t q_element) {
+    const int64_t hdp = round_up(p->hd, 16), keys = round_up(p->n_kv, KEY_BLOCK);
+    return 2 * (size_t)keys * hdp * 2 + (size_t)QUERY_BLOCK * hdp * q_element
+         + (size_t)QUERY_BLOCK * KEY_BLOCK * (4 + 2) + (size_t)QUERY_BLOCK * (hdp + 2) * 4 + 8 * 64;
+}
+
+static struct blocks blocks_in(const struct problem *p, void *scratch, size_t q_element) {
+    struct blocks b;
+    char *at = scratch;
+    b.hdp = round_up(p->hd, 16);
+    b.key_blocks = round_up(p->n_kv, KEY_BLOCK) / KEY_BLOCK;
+    const size_t packed = (size_t)b.key_blocks * KEY_BLOCK * b.hdp * 2;
+#define TAKE(field, bytes) (b.field = (void *)at, at += round_up((int64_t)(bytes), 64))
+    TAKE(k, packed);
+    TAKE(v, packed);
+    TAKE(q, (size_t)QUERY_BLOCK * b.hdp * q_element);
+    TAKE(s, (size_t)QUERY_BLOCK * KEY_BLOCK * 4);
+    TAKE(p, (size_t)QUERY_BLOCK * KEY_BLOCK * 2);
+    TAKE(o, (size_t)QUERY_BLOCK * b.hdp * 4);
+    TAKE(max, QUERY_BLOCK * 4);
+    TAKE(sum, QUERY_BLOCK * 4);
+#undef TAKE
+    return b;
+}
+
+/* After the last key block: out = O / sum for the block's real rows. */
+static void write_rows(const struct problem *p, const struct blocks *b, int64_t h, int64_t first, int64_t count) {
+    for (int64_t r = 0; r < count; r++) {
+        float *out = out_at(p, first + r, h);
+        const float *o = b->o + r * b->hdp, inverse = 1.0f / b->sum[r];
+        for (int64_t i = 0; i < p->hd; i++) out[i] = o[i] * inverse;
+    }
+}
+
+static void start_rows(const struct blocks *b) {
+    memset(b->o, 0, (size_t)QUERY_BLOCK * b->hdp * 4);
+    for (int r = 0; r < QUERY_BLOCK; r++) {
+        b->max[r] = -INFINITY;
+        b->sum[r] = 0;
+    }
+}
+
+#ifdef LVA_X86
+
+/* ---------------------------------------------------------------------------------------- AVX2 + FMA + F16C */
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+/* Cephes' expf for x <= 0; below -87 the result is a tiny normal number instead of 0 (and is masked or
+ * negligible next to the row's largest term, which is 1). */
+AVX2_INLINE __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
+}
+
+AVX2_INLINE float hmax_avx2(__m256 x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+AVX2_INLINE float hsum_avx2(__m256 x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static size_t avx2_scratch_bytes(const struct problem *p) { return blocks_bytes(p, 4); }
+
+/* Keys as [key block][hdp][KEY_BLOCK] (a dimension's keys side by side), values as [key][hdp]; F16. */
+AVX2 static void avx2_pack_head(const struct problem *p, int64_t h, void *scratch) {
+    struct blocks b = blocks_in(p, scratch, 4);
+    const int64_t keys = b.key_blocks * KEY_BLOCK;
+    for (int64_t s = 0; s < keys; s++) {
+        uint16_t *k = b.k + (s / KEY_BLOCK) * KEY_BLOCK * b.hdp + s % KEY_BLOCK, *v = b.v + s * b.hdp;
+        const float *ks = s < p->n_kv ? k_at(p, s, h) : NULL, *vs = s < p->n_kv ? v_at(p, s, h) : NULL;
+        for (int64_t i = 0; i < b.hdp; i++) {
+            const int real = ks && i < p->hd;
+            k[i * KEY_BLOCK] = _cvtss_sh(real ? ks[i] : 0.0f, _MM_FROUND_TO_NEAREST_INT);
+            v[i] = _cvtss_sh(real ? vs[i] : 0.0f, _MM_FROUND_TO_NEAREST_INT);
+        }
+    }
+}
+
+/* S[6 rows][16 keys] = Q . K^T over hd dimensions. */
+AVX2_INLINE void avx2_scores_6x16(const float *q, int64_t hdp, int64_t hd, const uint16_t *k, float *s) {
+    __m256 acc[6][2];
+    for (int r = 0; r < 6; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; i++) {
+        const __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i * KEY_BLOCK)));
+        const __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i * KEY_BLOCK + 8)));
+        for (int r = 0; r < 6; r++) {
+            const __m256 a = _mm256_broadcast_ss(q + r * hdp + i);
+            acc[r][0] = _mm256_fmadd_ps(a, k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, k1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < 6; r++) {
+        _mm256_storeu_ps(s + r * KEY_BLOCK, acc[r][0]);
+        _mm256_storeu_ps(s + r * KEY_BLOCK + 8, acc[r][1]);
+    }
+}
+
+/* O[4 rows][8 * VECTORS dims] += P . V over `keys` keys; V rows are hdp apart. */
+AVX2_INLINE void avx2_values_4xn(const float *prob, const uint16_t *v, int64_t hdp, int64_t keys, float *o,
+                                 const int vectors) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; r++)
+        for (int n = 0; n < vectors; n++) acc[r][n] = _mm256_loadu_ps(o + r * hdp + 8 * n);
+    for (int64_t j = 0; j < keys; j++) {
+        __m256 w[3];
+        for (int n = 0; n < vectors; n++)
+            w[n] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j * hdp + 8 * n)));
+        for (int r = 0; r < 4; r++) {
+            const __m256 a = _mm256_broadcast_ss(prob + r * KEY_BLOCK + j);
+            for (int n = 0; n < vectors; n++) acc[r][n] = _mm256_fmadd_ps(a, w[n], acc[r][n]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int n = 0; n < vectors; n++) _mm256_storeu_ps(o + r * hdp + 8 * n, acc[r][n]);
+}
+
+AVX2 static void avx2_values(const float *prob, const uint16_t *v, int64_t hdp, int64_t hd, int64_t keys, float *o) {
+    const int64_t vectors = (hd + 7) / 8;
+    for (int64_t n = 0; n < vectors; n += 3) {
+        switch (min64(3, vectors - n)) {
+            case 3: avx2_values_4xn(prob, v + 8 * n, hdp, keys, o + 8 * n, 3); break;
+            case 2: avx2_values_4xn(prob, v + 8 * n, hdp, keys, o + 8 * n, 2); break;
+            default: avx2_values_4xn(prob, v + 8 * n, hdp, keys, o + 8 * n, 1); break;
+        }
+    }
+}
+
+/* Online softmax of one row of scores over `valid` keys (the row is `span` long): P in place of S. */
+AVX2 static void avx2_softmax_row(float *s, int64_t valid, int64_t span, float scale, float *row_max, float *row_sum,
+                                  float *o, int64_t hdp) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < valid; j += 8) {
+        const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(valid - j)), lane));
+        vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j), in));
+    }
+    const float old_max = *row_max, new_max = fmaxf(old_max, hmax_avx2(vmax) * scale);
+    const __m256 shift = _mm256_set1_ps(new_max), vscale = _mm256_set1_ps(scale);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < span; j += 8) {
+        const __m256 in = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(valid - j)), lane));
+        const __m256 e = _mm256_and_ps(exp_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vscale, shift)), in);
+        vsum = _mm256_add_ps(vsum, e);
+        _mm256_storeu_ps(s + j, e);
+    }
+    const float alpha = expf(old_max - new_max);      /* 0 on the first block (old_max = -inf) */
+    *row_sum = *row_sum * alpha + hsum_avx2(vsum);
+    *row_max = new_max;
+    if (alpha != 1.0f)
+        for (int64_t i = 0; i < hdp; i++) o[i] *= alpha;
+}
+
+AVX2 static void avx2_attend(const struct problem *p, int64_t h, int64_t first, int64_t count, int64_t keys,
+                             void *scratch) {
+    struct blocks b = blocks_in(p, scratch, 4);
+    float *q = b.q;
+    for (int64_t r = 0; r < QUERY_BLOCK; r++)
+        for (int64_t i = 0; i < b.hdp; i++) q[r * b.hdp + i] = r < count && i < p->hd ? q_at(p, first + r, h)[i] : 0;
+    start_rows(&b);
+    for (int64_t block = 0; block * KEY_BLOCK < keys; block++) {
+        const int64_t valid = min64(KEY_BLOCK, keys - block * KEY_BLOCK), span = round_up(valid, 16);
+        const uint16_t *k = b.k + block * KEY_BLOCK * b.hdp, *v = b.v + block * KEY_BLOCK * b.hdp;
+        for (int64_t r = 0; r < QUERY_BLOCK; r += 6)
+            for (int64_t j = 0; j < span; j += 16)
+                avx2_scores_6x16(q + r * b.hdp, b.hdp, p->hd, k + j, b.s + r * KEY_BLOCK + j);
+        for (int64_t r = 0; r < QUERY_BLOCK; r++)
+            avx2_softmax_row(b.s + r * KEY_BLOCK, valid, span, p->scale, b.max + r, b.sum + r, b.o + r * b.hdp, b.hdp);
+        for (int64_t r = 0; r < QUERY_BLOCK; r += 4)
+            avx2_values(b.s + r * KEY_BLOCK, v, b.hdp, p->hd, span, b.o + r * b.hdp);
+    }
+    write_rows(p, &b, h, first, count);
+}
+
+static const struct path avx2_path = {QUERY_BLOCK, avx2_scratch_bytes, avx2_pack_head, avx2_attend};
+
+/* ---------------------------------------------------------------------------------------- AVX-512 BF16 */
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define AVX512_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+AVX512_INLINE __m512 exp_avx512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* Round to BF16, to nearest even (as torch and ggml do). */
+static inline uint16_t bf16_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);   /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static size_t avx512_scratch_bytes(const struct problem *p) { return blocks_bytes(p, 2); }
+
+/* In BF16 pairs, as _mm512_dpbf16_ps takes them: keys as [key block][hdp/2][KEY_BLOCK][2] (dimension pairs
+ * of 16 keys per vector), values as [key block][KEY_BLOCK/2][hdp][2] (key pairs of 16 dimensions). */
+static void avx512_pack_head(const struct problem *p, int64_t h, void *scratch) {
+    struct blocks b = blocks_in(p, scratch, 2);
+    const int64_t keys = b.key_blocks * KEY_BLOCK;
+    for (int64_t s = 0; s < keys; s++) {
+        const int64_t block = s / KEY_BLOCK, j = s % KEY_BLOCK;
+        uint16_t *k = b.k + block * KEY_BLOCK * b.hdp + j * 2;
+        uint16_t *v = b.v + block * KEY_BLOCK * b.hdp + (j / 2) * b.hdp * 2 + (j & 1);
+        const float *ks = s < p->n_kv ? k_at(p, s, h) : NULL, *vs = s < p->n_kv ? v_at(p, s, h) : NULL;
+        for (int64_t i = 0; i < b.hdp; i++) {
+            const int real = ks && i < p->hd;
+            k[(i / 2) * KEY_BLOCK * 2 + (i & 1)] = bf16_of(real ? ks[i] : 0.0f);
+            v[i * 2] = bf16_of(real ? vs[i] : 0.0f);
+        }
+    }
+}
+
+/* S[6 rows][64 keys] = Q . K^T: each step takes a pair of dimensions. */
+AVX512_INLINE void avx512_scores_6x64(const uint16_t *q, int64_t hdp, const uint16_t *k, float *s) {
+    __m512 acc[6][4];
+    for (int r = 0; r < 6; r++)
+        for (int n = 0; n < 4; n++) acc[r][n] = _mm512_setzero_ps();
+    for (int64_t pair = 0; pair < hdp / 2; pair++) {
+        const uint16_t *kp = k + pair * KEY_BLOCK * 2;
+        __m512bh w[4];
+        for (int n = 0; n < 4; n++) w[n] = (__m512bh)_mm512_loadu_si512(kp + 32 * n);
+        for (int r = 0; r < 6; r++) {
+            int32_t pair_bits;
+            memcpy(&pair_bits, q + r * hdp + 2 * pair, 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair_bits);
+            for (int n = 0; n < 4; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], a, w[n]);
+        }
+    }
+    for (int r = 0; r < 6; r++)
+        for (int n = 0; n < 4; n++) _mm512_storeu_ps(s + r * KEY_BLOCK + 16 * n, acc[r][n]);
+}
+
+/* O[4 rows][16 * VECTORS dims] += P . V: each step takes a pair of keys. */
+AVX512_INLINE void avx512_values_4xn(const uint16_t *prob, const uint16_t *v, int64_t hdp, int64_t pairs, float *o,
+                                     const int vectors) {
+    __m512 acc[4][6];
+    for (int r = 0; r < 4; r++)
+        for (int n = 0; n < vectors; n++) acc[r][n] = _mm512_loadu_ps(o + r * hdp + 16 * n);
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        const uint16_t *vp = v + pair * hdp * 2;
+        __m512bh w[6];
+        for (int n = 0; n < vectors; n++) w[n] = (__m512bh)_mm512_loadu_si512(vp + 32 * n);
+        for (int r = 0; r < 4; r++) {
+            int32_t pair_bits;
+            memcpy(&pair_bits, prob + r * KEY_BLOCK + 2 * pair, 4);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair_bits);
+            for (int n = 0; n < vectors; n++) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], a, w[n]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int n = 0; n < vectors; n++) _mm512_storeu_ps(o + r * hdp + 16 * n, acc[r][n]);
+}
+
+AVX512 static void avx512_values(const uint16_t *prob, const uint16_t *v, int64_t hdp, int64_t pairs, float *o) {
+    switch (hdp / 16) {                       /* hd <= 96: checked by the caller */
+        case 1: avx512_values_4xn(prob, v, hdp, pairs, o, 1); break;
+        case 2: avx512_values_4xn(prob, v, hdp, pairs, o, 2); break;
+        case 3: avx512_values_4xn(prob, v, hdp, pairs, o, 3); break;
+        case 4: avx512_values_4xn(prob, v, hdp, pairs, o, 4); break;
+        case 5: avx512_values_4xn(prob, v, hdp, pairs, o, 5); break;
+        default: avx512_values_4xn(prob, v, hdp, pairs, o, 6); break;
+    }
+}
+
+/* Online softmax of one row over `valid` keys (the row is `span` long); P rounded to BF16, the sum in F32. */
+AVX512 static void avx512_softmax_row(const float *s, int64_t valid, int64_t span, float scale, float *row_max,
+                                      float *row_sum, uint16_t *prob, float *o, int64_t hdp) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < valid; j += 16) {
+        const __mmask16 in = valid - j >= 16 ? 0xffff : (__mmask16)((1u << (valid - j)) - 1);
+        vmax = _mm512_mask_max_ps(vmax, in, vmax, _mm512_maskz_loadu_ps(in, s + j));
+    }
+    const float old_max = *row_max, new_max = fmaxf(old_max, _mm512_reduce_max_ps(vmax) * scale);
+    const __m512 shift = _mm512_set1_ps(new_max), vscale = _mm512_set1_ps(scale);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < span; j += 16) {
+        const __mmask16 in = valid - j >= 16 ? 0xffff : valid > j ? (__mmask16)((1u << (valid - j)) - 1) : 0;
+        const __m512 e = _mm512_maskz_mov_ps(in, exp_avx512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vscale, shift)));
+        vsum = _mm512_add_ps(vsum, e);
+        _mm256_storeu_si256((__m256i *)(prob + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    const float alpha = expf(old_max - new_max);
+    *row_sum = *row_sum * alpha + _mm512_reduce_add_ps(vsum);
+    *row_max = new_max;
+    if (alpha != 1.0f)
+        for (int64_t i = 0; i < hdp; i++) o[i] *= alpha;
+}
+
+AVX512 static void avx512_attend(const struct problem *p, int64_t h, int64_t first, int64_t count, int64_t keys,
+                                 void *scratch) {
+    struct blocks b = blocks_in(p, scratch, 2);
+    uint16_t *q = b.q;
+    for (int64_t r = 0; r < QUERY_BLOCK; r++)
+        for (int64_t i = 0; i < b.hdp; i++)
+            q[r * b.hdp + i] = bf16_of(r < count && i < p->hd ? q_at(p, first + r, h)[i] : 0.0f);
+    start_rows(&b);
+    for (int64_t block = 0; block * KEY_BLOCK < keys; block++) {
+        const int64_t valid = min64(KEY_BLOCK, keys - block * KEY_BLOCK), span = round_up(valid, 64);
+        const uint16_t *k = b.k + block * KEY_BLOCK * b.hdp, *v = b.v + block * KEY_BLOCK * b.hdp;
+        for (int64_t r = 0; r < QUERY_BLOCK; r += 6)
+            for (int64_t j = 0; j < span; j += 64)
+                avx512_scores_6x64(q + r * b.hdp, b.hdp, k + j * 2, b.s + r * KEY_BLOCK + j);
+        for (int64_t r = 0; r < QUERY_BLOCK; r++)
+            avx512_softmax_row(b.s + r * KEY_BLOCK, valid, span, p->scale, b.max + r, b.sum + r, b.p + r * KEY_BLOCK,
+                               b.o + r * b.hdp, b.hdp);
+        for (int64_t r = 0; r < QUERY_BLOCK; r += 4)
+            avx512_values(b.p + r * KEY_BLOCK, v, b.hdp, span / 2, b.o + r * b.hdp);
+    }
+    write_rows(p, &b, h, first, count);
+}
+
+static const struct path avx512_path = {QUERY_BLOCK, avx512_scratch_bytes, avx512_pack_head, avx512_attend};
+
+#endif /* LVA_X86 */
+
+/* ---------------------------------------------------------------------------------------- entry points */
+
+/* Bit `path` is set for each path this CPU can run (the OS saving the wider registers included). */
+int lva_attention_paths(void) {
+    int paths = 1 << PATH_REFERENCE;
+#ifdef LVA_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) paths |= 1 << PATH_AVX2;  /* F16C: AVX2 CPUs */
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bf16"))
+        paths |= 1 << PATH_AVX512BF16;
+#endif
+    return paths;
+}
+
+/* The largest head dim the SIMD paths take (six 16-wide vectors of a value row). */
+int lva_attention_max_head_dim(void) { return 96; }
+
+void lva_attention(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const struct lva_attention_params *params = userdata;
+    const struct ggml_tensor *q = dst->src[0], *k = dst->src[1], *v = dst->src[2];
+    const struct problem p = {
+        .hd = q->ne[0] / params->heads, .heads = params->heads, .n_q = q->ne[1], .n_kv = k->ne[1],
+        .real = params->real, .scale = params->scale,
+        .q = q->data, .k = k->data, .v = v->data, .out = dst->data,
+        .q_row = q->nb[1], .k_row = k->nb[1], .v_row = v->nb[1], .out_row = dst->nb[1],
+    };
+    const struct path *path = &reference_path;
+#ifdef LVA_X86
+    if (params->path == PATH_AVX2) path = &avx2_path;
+    if (params->path == PATH_AVX512BF16) path = &avx512_path;
+#endif
+    run(path, &p, ith, nth);
+}

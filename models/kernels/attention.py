@@ -1,0 +1,119 @@
+"""Our fused attention kernel (attention.c) as a ggml graph node, and which of its paths this CPU runs.
+
+ggml 0.3.36's CPU flash attention multiplies in F32 and has no BF16 path, so the vision encoder's attention,
+most of an image's encode time, runs through this kernel on the CPU backend (never on another device).
+The library is built from source on install (setup.py). Where it is missing, or `LVA_ATTENTION=ggml`,
+the encoder keeps ggml's flash attention. `LVA_ATTENTION=reference|avx2|avx512bf16` forces a path, for
+benchmarks and tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+import os
+from ctypes import c_float, c_int32, c_size_t
+
+from models import ggml
+from models.ggml import F32, Graph, Tensor
+
+LIBRARY = "models.kernels._attention"      # attention.c, built by setup.py
+PATHS = {"reference": 0, "avx2": 1, "avx512bf16": 2}
+FASTEST_FIRST = ("avx512bf16", "avx2")        # the reference path is for tests: too slow to be chosen
+ENVIRONMENT = "LVA_ATTENTION"
+log = logging.getLogger("lva")
+
+
+class KernelError(RuntimeError):
+    """A path asked for by name that this machine cannot run; the message is one line."""
+
+
+class Params(ctypes.Structure):
+    """`struct lva_attention_params` of attention.c."""
+
+    _fields_ = [("heads", c_int32), ("real", c_int32), ("scale", c_float), ("path", c_int32)]
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled kernel, or None and why not."""
+    spec = importlib.util.find_spec(LIBRARY)
+    if spec is None or spec.origin is None:
+        return None, "it was not built when lva was installed (no C compiler?)"
+    try:
+        library = ctypes.CDLL(spec.origin)
+    except OSError as exc:
+        return None, f"it could not be loaded ({exc})"
+    offsets = (c_size_t * 5)()
+    library.lva_attention_tensor_offsets(offsets)
+    struct = ggml.TensorStruct
+    expected = [struct.ne.offset, struct.nb.offset, struct.src.offset, struct.data.offset, ctypes.sizeof(struct)]
+    if list(offsets) != expected:
+        return None, "its copy of struct ggml_tensor does not match this ggml"
+    return library, ""
+
+
+def runnable_paths() -> list[str]:
+    """The paths this CPU can execute, detected at run time by the library (empty when it is not built)."""
+    library, _ = _library()
+    if library is None:
+        return []
+    mask = library.lva_attention_paths()
+    return [name for name, bit in PATHS.items() if mask & (1 << bit)]
+
+
+def max_head_dim() -> int:
+    library, _ = _library()
+    return library.lva_attention_max_head_dim() if library else 0
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def chosen_path(environment: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """The path to run on the CPU, or None for ggml's flash attention.
+
+    `LVA_ATTENTION` names a path or `ggml`; unset, the fastest path this CPU runs. A missing library is
+    said once, loudly, because encoding an image is then several times slower.
+    """
+    wanted = environment.get(ENVIRONMENT, "").strip().lower()
+    if wanted == "ggml":
+        return None
+    library, why = _library()
+    if wanted:
+        if wanted not in PATHS:
+            raise KernelError(f"{ENVIRONMENT}={wanted} is not one of ggml, {', '.join(PATHS)}")
+        if library is None:
+            raise KernelError(f"{ENVIRONMENT}={wanted}: lva's attention kernel is not available: {why}")
+        if wanted not in runnable_paths():
+            raise KernelError(f"{ENVIRONMENT}={wanted}: this CPU cannot run that path "
+                              f"(it runs {', '.join(runnable_paths())})")
+        return wanted
+    if library is None:
+        _warn_once(f"lva: the fused attention kernel is missing: {why}; images are encoded with ggml's "
+                   f"slower flash attention. Reinstall lva where a C compiler is available to fix this.")
+        return None
+    return next((path for path in FASTEST_FIRST if path in runnable_paths()), None)
+
+
+def fused_attention(g: Graph, q: Tensor, k: Tensor, v: Tensor, heads: int, real: int, scale: float,
+                    path: str) -> Tensor:
+    """softmax(scale q kᵀ) v per head, [d, n_q] F32, for q [d, n_q] and k, v [d, n_kv] (F32, contiguous rows).
+
+    Queries before `real` attend to every key; the others to the first `real` keys (the encoder's
+    real-first order). CPU backend only: other devices cannot run a host function.
+    """
+    d, n_q = ggml.shape(q)[:2]
+    if d % heads or not 0 < real <= n_q or real > ggml.shape(k)[1]:
+        raise ValueError(f"fused attention: {d} channels in {heads} heads, {real} real of {n_q} queries")
+    if any(ggml.struct(t).type != int(F32) or ggml.struct(t).nb[0] != 4 for t in (q, k, v)):
+        raise ValueError("fused attention takes F32 tensors with contiguous rows")
+    library, why = _library()
+    if library is None:
+        raise KernelError(f"lva's attention kernel is not available: {why}")
+    function = ctypes.cast(library.lva_attention, ctypes.c_void_p).value
+    return g.custom(F32, (d, n_q), (q, k, v), function, Params(heads, real, scale, PATHS[path]))
