@@ -51,7 +51,7 @@ from assistant.runtime.devices import build, offload_devices  # noqa: E402
 from models import ggml, rpc  # noqa: E402
 
 from report import cpu_model, ram_gib, write_section  # noqa: E402
-from runtime_bench import Depth, build_prompts, make_image, prepare_pair  # noqa: E402
+from runtime_bench import CallbackTimer, Depth, build_prompts, make_image, prepare_pair  # noqa: E402
 
 HEADING = "## Devices (GPUs; ggml's RPC backend as the test bed)"
 INTRO = """\
@@ -68,24 +68,13 @@ PROMPT_TOKENS = 64
 IMAGE_SIZE = (500, 400)                                          # a 1-tile canvas
 
 
-class Timer:
+class Timer(CallbackTimer):
     """Takes the place of a function (of a module or an object): counts calls and the wall time inside."""
 
     def __init__(self, owner, name: str) -> None:
-        self.name, self.function = name, getattr(owner, name)
-        self.calls, self.seconds = 0, 0.0
+        super().__init__(getattr(owner, name))
+        self.name = name
         setattr(owner, name, self)
-
-    def __call__(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self.function(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - started
-            self.calls += 1
-
-    def reset(self) -> None:
-        self.calls, self.seconds = 0, 0.0
 
 
 @dataclass

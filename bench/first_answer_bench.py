@@ -17,6 +17,12 @@ The targets of the speed issue: a 4-tile encode and the time to first token each
 
     python bench/first_answer_bench.py --work /tmp/lva-first-answer            # about 15 minutes on 2 cores
     python bench/first_answer_bench.py --work /tmp/lva-first-answer --reuse --write-docs
+
+As an AVX2-only CPU would run it, on an AVX-512 machine: llama-cpp-python built without AVX-512 in its own
+environment, our kernel's AVX2 path, torch's kernels limited to AVX2 and HF in fp32:
+
+    LVA_ATTENTION=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        /work/venv-avx2/bin/python bench/first_answer_bench.py --reuse --hf-dtype float32 --section first-answer-avx2
 """
 
 from __future__ import annotations
@@ -75,7 +81,8 @@ def main() -> int:
     report = render(ours, hf, rates, args.threads, depth)
     print(report)
     if args.write_docs:
-        write_section("first-answer", report, f"{HEADING}\n\n{INTRO}")
+        preamble = f"{HEADING}\n\n{INTRO}" if args.section == "first-answer" else f"### {args.section}"
+        write_section(args.section, report, preamble)
     return 0
 
 
@@ -90,6 +97,7 @@ def parse_args() -> argparse.Namespace:
                         help="auto: bfloat16 where the CPU has AVX512_BF16 or AMX, else float32")
     parser.add_argument("--write-docs", action="store_true", help="rewrite this bench's section of PERFORMANCE.md")
     parser.add_argument("--quick", action="store_true", help="a shallow checkpoint, to check the script quickly")
+    parser.add_argument("--section", default="first-answer", help="the section of PERFORMANCE.md --write-docs writes")
     args = parser.parse_args()
     if args.quick and args.write_docs:
         parser.error("--write-docs records the full-depth vision tower; drop --quick")
@@ -190,6 +198,18 @@ def measure_hf(python: str, checkpoint: Path, threads: int, dtype: str, images: 
 # ------------------------------------------------------------------------------------------ the report
 
 
+def emulation() -> list[str]:
+    """A paragraph when this run stands in for a smaller CPU (ggml built without AVX-512 on an AVX-512 CPU)."""
+    flags = cpu_flags().split()
+    if "avx512f" not in flags or ggml.cpu_features().get("AVX512") == "1":
+        return []
+    limits = ", ".join(f"{k}={os.environ[k]}" for k in ("LVA_ATTENTION", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                        "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
+    return [f"**As an AVX2-only CPU would run it**, on this AVX-512 machine: llama-cpp-python built with AVX2, FMA "
+            f"and F16C but no AVX-512 (ggml's features: {', '.join(ggml.cpu_features())}), and {limits}. The cores, "
+            f"caches and clock are this machine's, so this stands in for, but is not, an AVX2-only CPU.", ""]
+
+
 def encode_flop(layers: int, tokens: int = 6432, real: int = 6404) -> float:
     """Matrix products and attention (QKᵀ, PV) of the encoder layers on 4 tile slots, encoder order."""
     d, f = 1280, 5120
@@ -207,6 +227,7 @@ def render(ours: dict, hf: dict, rates: dict[str, float], threads: int, depth) -
                  "flash": "ggml's flash attention", "softmax": "exact F32 softmax"}[ours["attention"]]
     products = "BF16 (copies of the F16 weights)" if ours["bf16_products"] else "F16"
     lines = [
+        *emulation(),
         f"Measured {datetime.date.today().isoformat()} by `python bench/first_answer_bench.py --write-docs` on "
         f"{machine()}; {threads} threads for both; llama-cpp-python {version('llama-cpp-python')}; HF: torch "
         f"{hf['torch']}, transformers {hf['transformers']}, {hf['dtype']}, attention `{hf['attn_implementation']}`. "

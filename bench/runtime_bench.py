@@ -542,10 +542,10 @@ class CallbackTimer:
         self.calls = 0
         self.seconds = 0.0
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return self.function(*args)
+            return self.function(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - started
             self.calls += 1
@@ -810,10 +810,10 @@ def render_rates(r: Results) -> str:
             row += (f" {h.callback_seconds * per:.2f} | {h.graph_seconds * per:.2f} | {h.python_seconds * per:.2f} "
                     f"| {100 * h.python_seconds / rate.decode_seconds:.1f} % | {h.calls / h.tokens:.0f} |")
         rows.append(row)
+    mapped = (r.pair.text.stat().st_size + r.pair.vision.stat().st_size) / MiB
     rows.append(f"\nPeak RSS of the benchmark process after the runtime's measurements (before stock llama.cpp "
                 f"is loaded): {r.peak_rss_kib / 1024:.0f} MiB; it counts the pages of both GGUF files that "
-                f"llama.cpp and the vision loader map ({(r.pair.text.stat().st_size + r.pair.vision.stat().st_size) / MiB:.0f} "
-                f"MiB together) as they are touched.")
+                f"llama.cpp and the vision loader map ({mapped:.0f} MiB together) as they are touched.")
     return "\n".join(rows)
 
 

@@ -16,7 +16,6 @@ version, so `add_server` first says hello itself and turns either into a one-lin
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import socket
 import struct
 from ctypes import c_char_p, c_size_t, c_void_p
@@ -44,16 +43,6 @@ def require() -> None:
     """Raise RpcError, with how to rebuild, when this build of ggml has no RPC backend."""
     if not _lib.ggml_backend_reg_by_name(b"RPC"):
         raise RpcError(f"this llama-cpp-python was built without ggml's RPC backend; {BUILD_HINT}")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach an address (a name other than localhost is not trusted to be)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from pathlib import Path
 
@@ -63,3 +64,13 @@ def load(args: argparse.Namespace, text: Path | None = None):
 def _report(stage: str, fraction: float) -> None:
     if fraction >= 1.0:
         print(f"lva: {stage}: done", file=sys.stderr)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address (a name other than localhost is not trusted to be)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

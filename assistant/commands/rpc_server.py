@@ -12,6 +12,8 @@ import os
 import sys
 import threading
 
+from assistant.commands import common
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in (args.device or "").split(",") if n.strip()]
     host, port = rpc.parse_endpoint(f"{args.host}:{args.port}")
     devices = rpc.devices_to_serve(names)
-    if not rpc.is_loopback(host):
+    if not common.is_loopback(host):
         print(f"lva: WARNING: listening on {host}, not the loopback: ggml's RPC protocol has no authentication or "
               f"encryption; anyone who reaches port {port} can run code on {', '.join(d.name for d in devices)} "
               f"and read its memory. Use it only on a network you trust.", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import ipaddress
 import os
 import socket
 import sys
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     default = f"default model {catalog.default}" if catalog.default else "no default model: requests name one"
     print(f"lva serve: listening on http://{shown}:{port} (Ollama's API under /api, OpenAI's under /v1); {default}"
           f"{'; API key required' if api_key else ''}", file=sys.stderr, flush=True)
-    if not _is_loopback(args.host) and api_key is None:
+    if not common.is_loopback(args.host) and api_key is None:
         print(f"lva serve: warning: listening on {args.host} without --api-key: anyone who can reach this machine "
               "can use the model", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
@@ -84,12 +83,3 @@ def listen(host: str, port: int) -> socket.socket:
                 from None
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -15,23 +15,13 @@ import openai
 import pytest
 
 from assistant import load_model
-from tests.lva_server import FIXTURES, LvaServer, store_with_tiny_model
+from tests.server.lva_server import FIXTURES, LvaServer
 
 IMAGE = FIXTURES / "images" / "rgb_173x97.png"
 GREEDY = {"num_predict": 8, "temperature": 0}
 EXPECTED_LINE = re.compile(r" (?P<status>\d{3}) (?P<prompt>\d+)\+(?P<answer>\d+) tokens, (?P<evaluated>\d+) evaluated, "
                            r"(?P<encoded>\d+) images encoded")
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return store_with_tiny_model(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def server(home: Path):
-    with LvaServer(home, "--model", "tiny-a") as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

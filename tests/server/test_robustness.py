@@ -17,7 +17,7 @@ import pytest
 
 from assistant.server.inputs import MAX_BODY_BYTES
 from tests.conftest import run_lva
-from tests.lva_server import FIXTURES, LvaServer, store_with_tiny_model
+from tests.server.lva_server import FIXTURES, LvaServer
 
 IMAGE = FIXTURES / "images" / "rgb_173x97.png"
 # An answer that runs until the context is full: JSON whose one string has at least 4000 characters (the grammar
@@ -25,16 +25,6 @@ IMAGE = FIXTURES / "images" / "rgb_173x97.png"
 LONG = {"format": {"type": "object", "properties": {"story": {"type": "string", "minLength": 4000}},
                    "required": ["story"]}, "options": {"temperature": 1.0, "seed": 1}}
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return store_with_tiny_model(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def server(home: Path):
-    with LvaServer(home, "--model", "tiny-a") as running:
-        yield running
 
 
 def b64(data: bytes) -> str:
