@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import cpu_model, write_section  # noqa: E402
+from report import machine, write_section  # noqa: E402
 from runtime_bench import FULL, QUICK, make_image, prepare_pair  # noqa: E402
 
 from assistant import load_model  # noqa: E402
@@ -114,9 +114,10 @@ def main() -> int:
 def render(rows: list[FirstToken], depth, threads: int) -> str:
     first, second, cached, encoded = rows
     lines = [
-        f"Measured {datetime.date.today()} by `python bench/chat_bench.py --write-docs` on {os.cpu_count()} cores "
-        f"({cpu_model()}), {threads} threads, Q4_K_M text and cross layers, F16 vision tower; the synthetic "
-        f"model of the runtime benchmark ({depth.describe()}). Greedy answers; time until the first piece of answer text is streamed (these random weights often start with tokens that print nothing, so it can include a few decode steps).",
+        f"Measured {datetime.date.today()} by `python bench/chat_bench.py --write-docs` on {machine()}, "
+        f"{threads} threads, Q4_K_M text and cross layers, F16 vision tower; the synthetic model of the runtime "
+        f"benchmark ({depth.describe()}). Greedy answers; time until the first piece of answer text is streamed "
+        f"(these random weights often start with tokens that print nothing, so it can include a few decode steps).",
         "",
         "| turn | seconds to first text | prompt tokens | evaluated | vision encoder runs |",
         "|---|--:|--:|--:|--:|",

@@ -37,7 +37,7 @@ from convert.pipeline import output_paths  # noqa: E402
 from convert.quant_types import QUANT_TYPES  # noqa: E402
 from tests.synthetic_checkpoint import eleven_b_config, write_checkpoint  # noqa: E402
 
-from report import DOCS, cpu_model, ram_gib, write_section  # noqa: E402
+from report import DOCS, machine, write_section  # noqa: E402
 
 SHARD_BYTES = 2 * 10**9          # published checkpoints come in shards of a few GB
 POLL_SECONDS = 0.1               # how often the child's anonymous memory is sampled
@@ -224,7 +224,7 @@ def render_setup(results: list[DepthResult], threads: int) -> str:
     depths = "\n".join(f"- **{r.depth.name}**: {r.depth.describe()}; {r.checkpoint_bytes / GB:.2f} GB of bf16 "
                        f"safetensors in {SHARD_BYTES // GB} GB shards" for r in results)
     return (f"Measured {datetime.date.today().isoformat()} by `python bench/convert_bench.py --write-docs` "
-            f"on {os.cpu_count()} cores ({cpu_model()}), {ram_gib():.0f} GiB RAM, {platform.system()}; "
+            f"on {machine()}; "
             f"llama-cpp-python {version('llama-cpp-python')}, gguf {version('gguf')}, "
             f"Python {platform.python_version()}, `--threads {threads}`.\n\n"
             f"Synthetic random checkpoints at the real Llama 3.2 11B Vision widths (4096 hidden, 14336 ffn, "

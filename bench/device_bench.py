@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from assistant import load_model  # noqa: E402
 from assistant.runtime.devices import build, offload_devices  # noqa: E402
 from models import ggml, rpc  # noqa: E402
 
-from report import cpu_model, ram_gib, write_section  # noqa: E402
+from report import machine, write_section  # noqa: E402
 from runtime_bench import CallbackTimer, Depth, build_prompts, make_image, prepare_pair  # noqa: E402
 
 HEADING = "## Devices (GPUs; ggml's RPC backend as the test bed)"
@@ -257,8 +256,7 @@ def render(steps: dict[str, Step], pair, args: argparse.Namespace) -> str:
              1000 * crossings * each[device_label])]
     table = [f"| per decoded token | {cpu_label} | {device_label} | difference |", "|---|--:|--:|--:|"]
     table += [f"| {label} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for label, a, b in rows]
-    return (f"Measured {datetime.date.today().isoformat()} by `bench/device_bench.py` on {os.cpu_count()} cores "
-            f"({cpu_model()}), {ram_gib():.0f} GiB RAM, {platform.system()}; llama-cpp-python "
+    return (f"Measured {datetime.date.today().isoformat()} by `bench/device_bench.py` on {machine()}; llama-cpp-python "
             f"{version('llama-cpp-python')} (backends: {', '.join(build().backends)}); {args.threads} CPU threads; "
             f"best of {args.rounds} interleaved rounds of {args.decode_tokens} tokens. The machine is shared with "
             f"other work (and an RPC server shares its cores with the client), so the figures are noisy.\n\n"

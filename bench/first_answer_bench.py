@@ -48,7 +48,7 @@ from convert.pipeline import convert, output_paths  # noqa: E402
 from models import ggml  # noqa: E402
 from tests.synthetic_checkpoint import write_checkpoint  # noqa: E402
 
-from report import cpu_flags, machine, write_section  # noqa: E402
+from report import cpu_flags, emulation_note, machine, write_section  # noqa: E402
 from runtime_bench import DEFAULT_REFERENCE_PYTHON, FULL, QUICK, SHARD_BYTES, in_child, make_image  # noqa: E402
 
 QUANT = "Q4_K_M"
@@ -198,18 +198,6 @@ def measure_hf(python: str, checkpoint: Path, threads: int, dtype: str, images: 
 # ------------------------------------------------------------------------------------------ the report
 
 
-def emulation() -> list[str]:
-    """A paragraph when this run stands in for a smaller CPU (ggml built without AVX-512 on an AVX-512 CPU)."""
-    flags = cpu_flags().split()
-    if "avx512f" not in flags or ggml.cpu_features().get("AVX512") == "1":
-        return []
-    limits = ", ".join(f"{k}={os.environ[k]}" for k in ("LVA_ATTENTION", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                                        "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
-    return [f"**As an AVX2-only CPU would run it**, on this AVX-512 machine: llama-cpp-python built with AVX2, FMA "
-            f"and F16C but no AVX-512 (ggml's features: {', '.join(ggml.cpu_features())}), and {limits}. The cores, "
-            f"caches and clock are this machine's, so this stands in for, but is not, an AVX2-only CPU.", ""]
-
-
 def encode_flop(layers: int, tokens: int = 6432, real: int = 6404) -> float:
     """Matrix products and attention (QKᵀ, PV) of the encoder layers on 4 tile slots, encoder order."""
     d, f = 1280, 5120
@@ -227,7 +215,7 @@ def render(ours: dict, hf: dict, rates: dict[str, float], threads: int, depth) -
                  "flash": "ggml's flash attention", "softmax": "exact F32 softmax"}[ours["attention"]]
     products = "BF16 (copies of the F16 weights)" if ours["bf16_products"] else "F16"
     lines = [
-        *emulation(),
+        *emulation_note(),
         f"Measured {datetime.date.today().isoformat()} by `python bench/first_answer_bench.py --write-docs` on "
         f"{machine()}; {threads} threads for both; llama-cpp-python {version('llama-cpp-python')}; HF: torch "
         f"{hf['torch']}, transformers {hf['transformers']}, {hf['dtype']}, attention `{hf['attn_implementation']}`. "

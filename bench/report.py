@@ -41,6 +41,22 @@ def machine() -> str:
             f"{platform.system()}")
 
 
+def emulation_note() -> list[str]:
+    """A paragraph (and a blank line) when a run stands in for a smaller CPU: ggml built without AVX-512 on an
+    AVX-512 CPU, with our kernel and torch held to AVX2 by the environment variables named."""
+    from models import ggml
+
+    if "avx512f" not in cpu_flags().split() or ggml.cpu_features().get("AVX512") == "1":
+        return []
+    limits = ", ".join(f"{k}={os.environ[k]}" for k in ("LVA_ATTENTION", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                        "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
+    return [f"**As an AVX2-only CPU would run it**, on this AVX-512 machine: llama-cpp-python built with AVX2, FMA "
+            f"and F16C but no AVX-512 (ggml's features: {', '.join(ggml.cpu_features())}), and "
+            f"{limits or 'no limits'}. "
+            f"The cores, caches and clock are this machine's, so this stands in for, but is not, an AVX2-only CPU.",
+            ""]
+
+
 def ram_gib() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):

@@ -56,7 +56,7 @@ from models import ggml  # noqa: E402
 from convert.pipeline import convert, output_paths  # noqa: E402
 from tests.synthetic_checkpoint import eleven_b_config, tensor_shapes, write_checkpoint  # noqa: E402
 
-from report import DOCS, cpu_model, ram_gib, write_section  # noqa: E402
+from report import DOCS, machine, write_section  # noqa: E402
 
 HEADING = "## Runtime (`load_model`, images, decoding)"
 INTRO = """\
@@ -710,8 +710,8 @@ def render_setup(r: Results) -> str:
             f"built in {pair.build_seconds:.0f} s and converted in {pair.convert_seconds:.0f} s")
     reference = r.reference.note
     return (f"Measured {datetime.date.today().isoformat()} by `python bench/runtime_bench.py"
-            f"{' --write-docs' if r.depth is FULL else ' --quick'}` on {os.cpu_count()} cores ({cpu_model()}), "
-            f"{ram_gib():.0f} GiB RAM, {platform.system()}; llama-cpp-python {version('llama-cpp-python')}, "
+            f"{' --write-docs' if r.depth is FULL else ' --quick'}` on {machine()}; "
+            f"llama-cpp-python {version('llama-cpp-python')}, "
             f"gguf {version('gguf')}, numpy {np.__version__}, Python {platform.python_version()}; HF reference: "
             f"{reference}. Every part runs on {r.threads} threads. The machine is shared with other work, so "
             f"timings are noisy (10–15 % from run to run); compare ratios rather than digits.\n\n"

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import cpu_model, write_section  # noqa: E402
+from report import machine, write_section  # noqa: E402
 
 from assistant import load_model  # noqa: E402
 from assistant.chat.template import ChatMessage, ChatTemplate  # noqa: E402
@@ -187,8 +187,9 @@ def render(rows: list[Row], threads: int, rounds: int) -> str:
         return (python_n - python_1) / (n - 1), (server_n - server_1) / (n - 1)
 
     lines = [
-        f"Measured {datetime.date.today()} by `python bench/server_bench.py --write-docs` on {os.cpu_count()} cores "
-        f"({cpu_model()}), {threads} thread{'s' if threads != 1 else ''} per side; the tiny test model (tiny-a, F32: 4 self-attention + 3 cross-attention "
+        f"Measured {datetime.date.today()} by `python bench/server_bench.py --write-docs` on {machine()}, "
+        f"{threads} thread{'s' if threads != 1 else ''} per side; the tiny test model (tiny-a, F32: 4 self-attention "
+        f"+ 3 cross-attention "
         f"layers of width 80), greedy; *image* is the 173×97 PNG of the tests, the JPEG a generated photo-sized one "
         f"(both encoded once, in the warm-up, on both sides); the best of {rounds} interleaved rounds, and the "
         "difference of the medians. The machine is shared with other work, so timings are noisy; compare the columns "

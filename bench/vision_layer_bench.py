@@ -14,6 +14,8 @@ most of the encode time. In one run, on one machine:
 
     python bench/vision_layer_bench.py                         # prints the tables
     python bench/vision_layer_bench.py --write-docs            # and rewrites its section of PERFORMANCE.md
+    LVA_ATTENTION=avx2 ATEN_CPU_CAPABILITY=avx2 /work/venv-avx2/bin/python bench/vision_layer_bench.py \
+        --types F16 Q8_0 F32 --section vision-layer-avx2 --write-docs    # as an AVX2-only CPU (first_answer_bench)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from models.mllama import vision  # noqa: E402
 from models.mllama.hparams import VisionHParams  # noqa: E402
 from models.mllama.weights import VisionLayer  # noqa: E402
 
-from report import machine, write_section  # noqa: E402
+from report import emulation_note, machine, write_section  # noqa: E402
 
 HP = VisionHParams(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1, num_global_layers=0,
                    attention_heads=16, intermediate_layers_indices=(), image_size=560, patch_size=14, num_channels=3,
@@ -206,7 +208,8 @@ def report(args: argparse.Namespace) -> str:
     if os.environ.get(kernels.ENVIRONMENT):
         paths = [p for p in paths if p == ours]
     default_type = "BF16" if vision.products_in_bf16(int(F16), on_cpu=True) else "F16"
-    lines = [f"Measured {datetime.date.today().isoformat()} by `python bench/vision_layer_bench.py` on {machine()}, "
+    lines = [*emulation_note(),
+             f"Measured {datetime.date.today().isoformat()} by `python bench/vision_layer_bench.py` on {machine()}, "
              f"{args.threads} threads, best of {args.runs}. One layer: {TOKENS} tokens (4 tiles, the real ones "
              f"first), {PRODUCTS_FLOP / 1e9:.0f} GFLOP of matrix products and {ATTENTION_FLOP / 1e9:.0f} GFLOP of "
              f"attention; a 4-tile encode is {LAYERS_PER_ENCODE} layers.", "",
@@ -262,11 +265,12 @@ def main() -> None:
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON,
                         help="an interpreter with torch, for its SDPA (the `reference` extra)")
     parser.add_argument("--write-docs", action="store_true", help="rewrite this bench's section of PERFORMANCE.md")
+    parser.add_argument("--section", default="vision-layer", help="the section of PERFORMANCE.md --write-docs writes")
     args = parser.parse_args()
     text = report(args)
     print(text)
     if args.write_docs:
-        write_section("vision-layer", text, HEADING)
+        write_section(args.section, text, HEADING if args.section == "vision-layer" else f"#### {args.section}")
 
 
 if __name__ == "__main__":
