@@ -45,4 +45,4 @@ bench: install
 	$(BIN)/python bench/server_bench.py --write-docs
 
 clean:
-	rm -rf $(VENV) $(DEVICES_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(DEVICES_VENV) build *.egg-info .pytest_cache models/kernels/*.so
