@@ -22,7 +22,7 @@ from types import TracebackType
 from convert.pipeline import convert
 from tests.conftest import REPO_ROOT
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 START_SECONDS = 60
 
 
