@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -161,30 +161,29 @@ def test_a_full_disk_mid_write_leaves_nothing(quant: str, checkpoint_256: Path, 
     assert list(out.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def larger_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Big enough (~150 MB) that a conversion is still writing when a signal arrives."""
-    return write_checkpoint(tmp_path_factory.mktemp("large") / "larger", small_config(hidden=1024, vocab_size=16384))
-
-
-def start_convert_and_wait_for_part(source: Path, out: Path) -> subprocess.Popen:
+def start_convert_blocked_mid_write(source: Path, out: Path) -> tuple[subprocess.Popen, int]:
+    """A conversion stopped inside a write of its text file: that .part is a FIFO whose reader (the test) has
+    read the file's first bytes and reads no more, so the converter blocks once the pipe is full. Waiting
+    for a real file to appear raced a fast machine, which finished the conversion before the signal came."""
+    out.mkdir()
+    fifo = out / f"{source.name}-text-F32.gguf.part"
+    os.mkfifo(fifo)
     process = subprocess.Popen([sys.executable, "-m", "assistant", "convert", str(source), "--out", str(out),
                                 "--quant", "F32"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("*.part")):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    return process
+    with ThreadPoolExecutor(1) as pool:                       # opening a FIFO waits for its writer
+        reader = pool.submit(os.open, fifo, os.O_RDONLY).result(timeout=60)
+    assert os.read(reader, 4) == b"GGUF"
+    return process, reader
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_write_removes_the_partial_files(larger_checkpoint: Path, tmp_path: Path) -> None:
+def test_ctrl_c_mid_write_removes_the_partial_files(checkpoint_256: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    process = start_convert_and_wait_for_part(larger_checkpoint, out)
+    process, reader = start_convert_blocked_mid_write(checkpoint_256, out)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
+    os.close(reader)
     assert process.returncode == 130
     assert stderr.strip().splitlines()[-1] == "lva: interrupted; nothing was kept"
     assert "Traceback" not in stderr
@@ -192,11 +191,12 @@ def test_ctrl_c_mid_write_removes_the_partial_files(larger_checkpoint: Path, tmp
 
 
 @pytest.mark.slow
-def test_a_kill_mid_write_leaves_no_file_that_looks_complete(larger_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_kill_mid_write_leaves_no_file_that_looks_complete(checkpoint_256: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    process = start_convert_and_wait_for_part(larger_checkpoint, out)
+    process, reader = start_convert_blocked_mid_write(checkpoint_256, out)
     process.kill()
     process.communicate(timeout=60)
+    os.close(reader)
     left = [p.name for p in out.iterdir()]
     assert left and all(name.endswith(".part") for name in left)
     assert list(out.glob("*.gguf")) == []
