@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -161,42 +160,50 @@ def test_a_full_disk_mid_write_leaves_nothing(quant: str, checkpoint_256: Path, 
     assert list(out.iterdir()) == []
 
 
-def start_convert_blocked_mid_write(source: Path, out: Path) -> tuple[subprocess.Popen, int]:
-    """A conversion stopped inside a write of its text file: that .part is a FIFO whose reader (the test) has
-    read the file's first bytes and reads no more, so the converter blocks once the pipe is full. Waiting
-    for a real file to appear raced a fast machine, which finished the conversion before the signal came."""
-    out.mkdir()
-    fifo = out / f"{source.name}-text-F32.gguf.part"
-    os.mkfifo(fifo)
-    process = subprocess.Popen([sys.executable, "-m", "assistant", "convert", str(source), "--out", str(out),
-                                "--quant", "F32"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    with ThreadPoolExecutor(1) as pool:                       # opening a FIFO waits for its writer
-        reader = pool.submit(os.open, fifo, os.O_RDONLY).result(timeout=60)
-    assert os.read(reader, 4) == b"GGUF"
-    return process, reader
+@pytest.fixture(scope="module")
+def larger_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Big enough (~150 MB) that a conversion is still writing for a while after its first .part appears."""
+    return write_checkpoint(tmp_path_factory.mktemp("large") / "larger", small_config(hidden=1024, vocab_size=16384))
+
+
+def convert_stopped_mid_write(source: Path, out: Path, attempts: int = 5) -> subprocess.Popen:
+    """A conversion frozen (SIGSTOP) while a .part file is being written, so a signal sent next lands mid-write
+    whatever the machine's speed. A conversion that finished between seeing its .part and the stop is run
+    again in a fresh folder (a fast machine can do that): the caller sends its signal, then SIGCONT."""
+    for _ in range(attempts):
+        shutil.rmtree(out, ignore_errors=True)
+        process = subprocess.Popen([sys.executable, "-m", "assistant", "convert", str(source), "--out", str(out),
+                                    "--quant", "F32"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        while not list(out.glob("*.part")) and process.poll() is None:
+            pass                                              # no sleep: the window is short on a fast machine
+        process.send_signal(signal.SIGSTOP)
+        if process.poll() is None and list(out.glob("*.part")):
+            return process
+        process.send_signal(signal.SIGCONT)
+        process.communicate(timeout=60)
+    raise AssertionError(f"the conversion always finished before it could be stopped ({attempts} tries)")
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_write_removes_the_partial_files(checkpoint_256: Path, tmp_path: Path) -> None:
+def test_ctrl_c_mid_write_removes_the_partial_files(larger_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    process, reader = start_convert_blocked_mid_write(checkpoint_256, out)
+    process = convert_stopped_mid_write(larger_checkpoint, out)
     process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=60)
-    os.close(reader)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "lva: interrupted; nothing was kept"
     assert "Traceback" not in stderr
     assert list(out.iterdir()) == []
 
 
 @pytest.mark.slow
-def test_a_kill_mid_write_leaves_no_file_that_looks_complete(checkpoint_256: Path, tmp_path: Path) -> None:
+def test_a_kill_mid_write_leaves_no_file_that_looks_complete(larger_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    process, reader = start_convert_blocked_mid_write(checkpoint_256, out)
+    process = convert_stopped_mid_write(larger_checkpoint, out)
     process.kill()
     process.communicate(timeout=60)
-    os.close(reader)
     left = [p.name for p in out.iterdir()]
     assert left and all(name.endswith(".part") for name in left)
     assert list(out.glob("*.gguf")) == []
