@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,13 @@ def lva_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def checkpoint_256(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random checkpoint whose widths are multiples of 256, so every quant type applies."""
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-256", small_config())
+
+
+def default_ctrl_c() -> None:
+    """`preexec_fn` for a child the test stops with SIGINT: Ctrl-C acts as in a terminal. A shell running the
+    tests in the background (`.ci/run &`) ignores SIGINT, children inherit that, and Python then installs no
+    KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_lva(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, run_lva
+from tests.conftest import REPO_ROOT, default_ctrl_c, run_lva
 from tests.synthetic_checkpoint import small_config, write_checkpoint
 
 
@@ -174,7 +174,7 @@ def convert_stopped_mid_write(source: Path, out: Path, attempts: int = 5) -> sub
         shutil.rmtree(out, ignore_errors=True)
         process = subprocess.Popen([sys.executable, "-m", "assistant", "convert", str(source), "--out", str(out),
                                     "--quant", "F32"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+                                   stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
         while not list(out.glob("*.part")) and process.poll() is None:
             pass                                              # no sleep: the window is short on a fast machine
         process.send_signal(signal.SIGSTOP)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from convert.pipeline import convert
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, default_ctrl_c
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 START_SECONDS = 60
@@ -46,7 +46,8 @@ class LvaServer:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "assistant", "serve", "--port", "0", *self.args],
-                                            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=default_ctrl_c)
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
             if match := re.search(r"listening on (http://\S+) ", self.log()):
