@@ -178,7 +178,7 @@ class ChatScreen(Screen):
                 app.model.encode_image(path, cancelled=lambda: worker.is_cancelled,
                                        progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
             except EncodeCancelled:
-                pass
+                pass                                  # removed or replaced: its successor, if any, is queued
             except (ImageError, ModelError, OSError) as error:
                 app.call_from_thread(self.notify, str(error), title="Cannot encode the image", severity="error")
             finally:
