@@ -4,8 +4,9 @@
     POST /api/generate  prompt, system, images, raw, stream, options, format, keep_alive
     GET  /api/tags      the models; POST /api/show one model; GET /api/ps the loaded one; GET /api/version
 
-An empty `messages` list or an empty prompt only loads the model (or unloads it with `keep_alive: 0`), as
-Ollama does. `prompt_eval_count` is the prompt tokens actually evaluated, which after KV-cache reuse is
+An empty prompt only loads the model (or unloads it with `keep_alive: 0`), as Ollama does. An empty
+`messages` list is refused: Ollama loads the model there too, but a chat with nothing to answer is more
+often a client's mistake, and /api/generate does the loading. `prompt_eval_count` is the prompt tokens actually evaluated, which after KV-cache reuse is
 fewer than the prompt (Ollama reports it the same way); OpenAI's `usage` carries the whole count.
 """
 
@@ -85,13 +86,12 @@ class ShowRequest(Schema):
 
 async def chat_work(body: ChatRequest, catalog: Catalog, defaults: Sampling) -> Work:
     model = catalog.find(body.model)
-    if body.messages is None:
-        raise ApiError(400, "messages is required (an empty list loads the model)", param="messages")
+    if not body.messages:
+        raise ApiError(400, "messages is required and must not be empty (to load the model, POST /api/generate "
+                            "with an empty prompt)", param="messages")
     if body.tools:
         raise ApiError(400, "tools are not supported: lva serves Llama 3.2 Vision without tool calls", param="tools")
     keep_alive, options = keep_alive_seconds(body.keep_alive), body.options or Options()
-    if not body.messages:
-        return Work(model, None, keep_alive=keep_alive)
     messages = [Message(m.role, m.content, [(image_from_base64(image, f"messages[{i}].images[{j}]"),
                                               f"messages[{i}].images[{j}]") for j, image in enumerate(m.images or [])])
                 for i, m in enumerate(body.messages)]

@@ -112,7 +112,7 @@ def test_an_empty_prompt_loads_the_model_and_keep_alive_zero_unloads_it(ollama_c
     assert ollama_client.ps().models == []
     again = ollama_client.chat(model="tiny-a", messages=[{"role": "user", "content": "Hi"}], options=GREEDY)
     assert again.load_duration > 0
-    assert ollama_client.chat(model="tiny-a", messages=[], keep_alive="1s").done_reason == "load"
+    assert ollama_client.generate(model="tiny-a", keep_alive="1s").done_reason == "load"
     deadline = time.monotonic() + 30
     while ollama_client.ps().models and time.monotonic() < deadline:    # unloaded once the second is up
         time.sleep(0.1)

@@ -61,6 +61,7 @@ BAD_INPUT = {
     "malformed JSON (OpenAI)": ("/v1/chat/completions", b'{"messages": [}', 400, "not valid JSON"),
     "not an object": ("/api/chat", [1, 2], 400, "must be a JSON object"),
     "missing messages": ("/api/chat", {"model": "tiny-a"}, 400, "messages is required"),
+    "empty messages": ("/api/chat", chat([]), 400, "must not be empty"),
     "missing messages (OpenAI)": ("/v1/chat/completions", {"model": "tiny-a"}, 400, "messages must be"),
     "empty messages (OpenAI)": ("/v1/chat/completions", completion([]), 400, "messages must be a non-empty list"),
     "no user message": ("/api/chat", chat([{"role": "system", "content": "Be brief."}]), 400, "no user message"),
