@@ -110,6 +110,7 @@ for _name, _res, _args in [
     ("ggml_set_output", None, [T]),
     ("ggml_nbytes", c_size_t, [T]),
     ("ggml_nelements", c_int64, [T]),
+    ("ggml_is_contiguous", c_bool, [T]),
     ("ggml_n_dims", c_int, [T]),
     # ops
     ("ggml_add", T, [c_void_p, T, T]),
@@ -226,6 +227,10 @@ def shape(t: Tensor) -> tuple[int, int, int, int]:
     return tuple(struct(t).ne)  # type: ignore[return-value]
 
 
+def is_contiguous(t: Tensor) -> bool:
+    return _lib.ggml_is_contiguous(t)
+
+
 def name_of(t: Tensor) -> bytes:
     return struct(t).name
 
@@ -340,7 +345,7 @@ class Graph:
         return _lib.ggml_flash_attn_ext(self.ctx, q, k, v, mask, scale, 0.0, 0.0)
 
     def custom(self, qtype: GGMLQuantizationType, ne: Sequence[int], sources: Sequence[Tensor], function: int,
-               userdata: ctypes.Structure) -> Tensor:
+               userdata: ctypes.Structure | ctypes.c_int32) -> Tensor:
         """A node computed by a C function of ours, `void f(struct ggml_tensor * dst, int ith, int nth, void *
         userdata)`, called by every CPU graph thread. The function must be a symbol of a compiled library (a
         Python callback would serialise the threads on the GIL); `userdata` lives as long as the graph."""

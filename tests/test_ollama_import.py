@@ -39,11 +39,13 @@ IMAGES = FIXTURES / "images"
 CONFIGS = sorted(p.name for p in (FIXTURES / "mllama").iterdir() if (p / "reference.json").is_file())
 LOGITS_TOLERANCE = 2e-3
 # Measured max |logit - reference| over every case of tiny-a / tiny-b / tiny-c, F16 Ollama files, with the
-# vision tower as the runtime runs it on this CPU (tests/test_runtime.py, HALF_VISION_BOUNDS):
-#   F16 products (no AVX512_BF16): 0.032 / 0.022 / 0.021; `lva convert --quant F16`: 0.031 / 0.030 / 0.023
-#   BF16 products (AVX512_BF16):    0.073 / 0.050 / 0.025; `lva convert --quant F16`: 0.073 / 0.050 / 0.031
+# vision tower as the runtime runs it on this CPU (tests/test_runtime.py, HALF_VISION_BOUNDS), our attention
+# kernel and GELU included:
+#   F16 products (no AVX512_BF16; attention avx2 / avx512bf16): 0.023 / 0.018 / 0.025 and 0.035 / 0.027 / 0.025;
+#     `lva convert --quant F16`: 0.021 / 0.017 / 0.021 and 0.030 / 0.027 / 0.022
+#   BF16 products (AVX512_BF16): 0.088 / 0.055 / 0.026; `lva convert --quant F16`: 0.088 / 0.055 / 0.031
 # The bounds are 1.5x the worst.
-F16_BOUND = 0.11 if products_in_bf16(int(F16), on_cpu=True) else 0.05
+F16_BOUND = 0.13 if products_in_bf16(int(F16), on_cpu=True) else 0.053
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
 

@@ -17,7 +17,7 @@ from assistant.runtime.model import _stop_prefix_length
 from convert.pipeline import convert
 from models import ggml
 from models.ggml import BF16, F16
-from models.kernels import attention as kernels
+from models.kernels import encoder as kernels
 from models.mllama.vision import products_in_bf16
 from tests.synthetic_checkpoint import small_config, write_checkpoint
 
@@ -307,13 +307,17 @@ def test_sampling_is_deterministic_with_a_seed(tiny_a) -> None:
 # kernel's paths (avx2: F16 K/V; avx512bf16: Q, K, V and P in BF16). BF16 products round the activations
 # to BF16 too. An F16 tower runs BF16 products where ggml's CPU backend has AVX512_BF16 (`products_in_bf16`);
 # a Q8_0 file keeps F16 the rows that do not fit its blocks (tiny-a's 48-wide ones), which then run as BF16.
-# Every non-F32 tower uses ggml's tabulated GELU (`vision.gelu`).
-#   F16:  flash 0.020, avx2 0.0094, avx512bf16 0.036       BF16: flash 0.058, avx2 0.063, avx512bf16 0.068
-#   Q8_0: flash 0.172, avx2 0.188, avx512bf16 0.206
+# The GELU goes with the attention (`vision.biased_gelu`): ggml's tabulated tanh form beside its flash attention,
+# our exact-to-2.5e-7 erf form beside our kernel. (With the exact GELU the BF16 rows moved from 0.068 to
+# 0.088 on tiny-a, the mean error from 0.0030 to 0.0034, and on tiny-b the mean fell: rounding noise. In the
+# F32 tower the tanh form alone costs 0.0066.) F16 products measured with an AVX2-only build of ggml.
+# Where two builds differ, the larger figure is given.
+#   F16:  flash 0.021, avx2 0.0099, avx512bf16 0.029       BF16: flash 0.058, avx2 0.073, avx512bf16 0.088
+#   Q8_0: flash 0.188, avx2 0.179, avx512bf16 0.285
 # Bounds: about 1.5x.
-HALF_VISION_BOUNDS = {("F16", "ggml"): 0.03, ("F16", "avx2"): 0.014, ("F16", "avx512bf16"): 0.054,
-                      ("BF16", "ggml"): 0.087, ("BF16", "avx2"): 0.095, ("BF16", "avx512bf16"): 0.1,
-                      ("Q8_0", "ggml"): 0.26, ("Q8_0", "avx2"): 0.28, ("Q8_0", "avx512bf16"): 0.31}
+HALF_VISION_BOUNDS = {("F16", "ggml"): 0.03, ("F16", "avx2"): 0.015, ("F16", "avx512bf16"): 0.043,
+                      ("BF16", "ggml"): 0.087, ("BF16", "avx2"): 0.11, ("BF16", "avx512bf16"): 0.13,
+                      ("Q8_0", "ggml"): 0.28, ("Q8_0", "avx2"): 0.27, ("Q8_0", "avx512bf16"): 0.43}
 
 
 @pytest.mark.parametrize("products, attention", sorted(HALF_VISION_BOUNDS))

@@ -1,9 +1,10 @@
-"""Our fused attention kernel (attention.c) as a ggml graph node, and which of its paths this CPU runs.
+"""Our vision-encoder kernels (encoder.c) as ggml graph nodes, and which of their paths this CPU runs.
 
 ggml 0.3.36's CPU flash attention multiplies in F32 and has no BF16 path, so the vision encoder's attention,
-most of an image's encode time, runs through this kernel on the CPU backend (never on another device).
-The library is built from source on install (setup.py). Where it is missing, or `LVA_ATTENTION=ggml`,
-the encoder keeps ggml's flash attention. `LVA_ATTENTION=reference|avx2|avx512bf16` forces a path, for
+most of an image's encode time, runs through our fused kernel on the CPU backend (never on another
+device); its GELU, a scalar loop in ggml, through our vectorised one. The library is built from source on
+install (setup.py). Where it is missing, or `LVA_ATTENTION=ggml`, the encoder keeps ggml's own kernels
+(flash attention, tabulated GELU). `LVA_ATTENTION=reference|avx2|avx512bf16` forces a path of both, for
 benchmarks and tests.
 """
 
@@ -19,7 +20,7 @@ from ctypes import c_float, c_int32, c_size_t
 from models import ggml
 from models.ggml import F32, Graph, Tensor
 
-LIBRARY = "models.kernels._attention"      # attention.c, built by setup.py
+LIBRARY = "models.kernels._encoder"        # encoder.c, built by setup.py
 PATHS = {"reference": 0, "avx2": 1, "avx512bf16": 2}
 FASTEST_FIRST = ("avx512bf16", "avx2")        # the reference path is for tests: too slow to be chosen
 ENVIRONMENT = "LVA_ATTENTION"
@@ -31,7 +32,7 @@ class KernelError(RuntimeError):
 
 
 class Params(ctypes.Structure):
-    """`struct lva_attention_params` of attention.c."""
+    """`struct lva_attention_params` of encoder.c."""
 
     _fields_ = [("heads", c_int32), ("real", c_int32), ("scale", c_float), ("path", c_int32)]
 
@@ -88,14 +89,14 @@ def chosen_path(environment: dict[str, str] | os._Environ = os.environ) -> str |
         if wanted not in PATHS:
             raise KernelError(f"{ENVIRONMENT}={wanted} is not one of ggml, {', '.join(PATHS)}")
         if library is None:
-            raise KernelError(f"{ENVIRONMENT}={wanted}: lva's attention kernel is not available: {why}")
+            raise KernelError(f"{ENVIRONMENT}={wanted}: lva's encoder kernels are not available: {why}")
         if wanted not in runnable_paths():
             raise KernelError(f"{ENVIRONMENT}={wanted}: this CPU cannot run that path "
                               f"(it runs {', '.join(runnable_paths())})")
         return wanted
     if library is None:
-        _warn_once(f"lva: the fused attention kernel is missing: {why}; images are encoded with ggml's "
-                   f"slower flash attention. Reinstall lva where a C compiler is available to fix this.")
+        _warn_once(f"lva: the encoder kernels are missing: {why}; images are encoded with ggml's "
+                   f"slower flash attention and GELU. Reinstall lva where a C compiler is available to fix this.")
         return None
     return next((path for path in FASTEST_FIRST if path in runnable_paths()), None)
 
@@ -112,8 +113,23 @@ def fused_attention(g: Graph, q: Tensor, k: Tensor, v: Tensor, heads: int, real:
         raise ValueError(f"fused attention: {d} channels in {heads} heads, {real} real of {n_q} queries")
     if any(ggml.struct(t).type != int(F32) or ggml.struct(t).nb[0] != 4 for t in (q, k, v)):
         raise ValueError("fused attention takes F32 tensors with contiguous rows")
+    return g.custom(F32, (d, n_q), (q, k, v), _function("lva_attention"), Params(heads, real, scale, PATHS[path]))
+
+
+def gelu(g: Graph, x: Tensor, path: str, bias: Tensor | None = None) -> Tensor:
+    """gelu(x + bias) elementwise, erf's form, for a contiguous F32 x [n, ...] and an F32 bias of n values:
+    within 2.5e-7 × max(1, |x|) of the exact (a rational erf, evaluated in F32). CPU backend only."""
+    sources = (x,) if bias is None else (x, bias)
+    if any(ggml.struct(t).type != int(F32) or not ggml.is_contiguous(t) for t in sources):
+        raise ValueError("the GELU kernel takes contiguous F32 tensors")
+    if bias is not None and ggml.shape(bias) != (ggml.shape(x)[0], 1, 1, 1):
+        raise ValueError(f"GELU: a bias of {ggml.shape(bias)} for rows of {ggml.shape(x)[0]}")
+    return g.custom(F32, ggml.shape(x), sources, _function("lva_gelu"), c_int32(PATHS[path]))
+
+
+def _function(name: str) -> int:
+    """The address of one of the library's ops, for `Graph.custom`."""
     library, why = _library()
     if library is None:
-        raise KernelError(f"lva's attention kernel is not available: {why}")
-    function = ctypes.cast(library.lva_attention, ctypes.c_void_p).value
-    return g.custom(F32, (d, n_q), (q, k, v), function, Params(heads, real, scale, PATHS[path]))
+        raise KernelError(f"lva's encoder kernels are not available: {why}")
+    return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
