@@ -6,7 +6,7 @@ most of the encode time. In one run, on one machine:
 - the layer per weight type and attention (our fused kernel's fastest path here, ggml's flash attention),
   split into the layer without attention and the rest;
 - the parts of the layer the runtime uses by default (its fastest weight type here, our kernel): matrix
-  products, attention, layer norms, GELU, residual adds, each timed alone;
+  products, attention, layer norms, GELU, residual adds, each timed alone; and the layer with each GELU;
 - ggml's matrix product rate per weight type;
 - attention alone: each path of our kernel this CPU runs, ggml's flash attention (with Meta's mask in
   HF's tile-major order, and without, in the encoder's order), and torch's SDPA in bf16 and fp32 as HF
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from models import ggml  # noqa: E402
 from models.ggml import F16, F32, Graph  # noqa: E402
-from models.kernels import attention as kernels  # noqa: E402
+from models.kernels import encoder as kernels  # noqa: E402
 from models.mllama import vision  # noqa: E402
 from models.mllama.hparams import VisionHParams  # noqa: E402
 from models.mllama.weights import VisionLayer  # noqa: E402
@@ -97,19 +97,26 @@ def hidden_states(rng: np.random.Generator, width: int = HP.hidden_size) -> np.n
     return rng.standard_normal((TOKENS, width)).astype(np.float32)
 
 
-def time_layer(backend: ggml.Backend, layer: VisionLayer, attention: str | None, runs: int) -> float:
-    """Best seconds of one layer; attention=None runs the layer with its attention left out."""
+# The GELUs an encoder layer can run, as (graph, x, bias, attention) -> gelu(x + bias).
+GELUS = {"ours (the bias added inside)": vision.biased_gelu,
+         "ggml's tanh table, after an add": lambda g, x, bias, attention: g.gelu_tanh(g.add(x, bias)),
+         "ggml's erf, after an add": lambda g, x, bias, attention: g.gelu(g.add(x, bias))}
+
+
+def time_layer(backend: ggml.Backend, layer: VisionLayer, attention: str, runs: int, without_attention: bool = False,
+               gelu=vision.biased_gelu) -> float:
+    """Best seconds of one layer as the runtime builds it, or with its attention left out (and another GELU)."""
     x = hidden_states(np.random.default_rng(1))
 
     def build(g: Graph) -> dict:
         x_in = g.input(F32, HP.hidden_size, TOKENS, name="x")
-        if attention is None:
+        if without_attention:
             h = g.layer_norm(x_in, layer.attn_norm, layer.attn_norm_bias, HP.norm_eps)
             q, k, v = (g.mul_mat(w, h) for w in (layer.attn_q, layer.attn_k, layer.attn_v))
             h = g.add(x_in, g.mul_mat(layer.attn_output, g.add(g.add(q, k), v)))
-            up = g.gelu(g.linear(g.layer_norm(h, layer.ffn_norm, layer.ffn_norm_bias, HP.norm_eps), layer.ffn_up,
-                                 layer.ffn_up_bias))
-            g.expand(g.add(h, g.linear(up, layer.ffn_down, layer.ffn_down_bias)))
+            up = g.mul_mat(layer.ffn_up, g.layer_norm(h, layer.ffn_norm, layer.ffn_norm_bias, HP.norm_eps))
+            mlp = g.linear(gelu(g, up, layer.ffn_up_bias, attention), layer.ffn_down, layer.ffn_down_bias)
+            g.expand(g.add(h, mlp))
         else:
             g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, attention))
         return {x_in: x}
@@ -176,15 +183,14 @@ def layer_parts(backend: ggml.Backend, layer: VisionLayer, attention: str, runs:
         "Q, K, V, O products": timed(lambda g, x, w: all_of(g, [g.mul_mat(m, x) for m in
                                                                (layer.attn_q, layer.attn_k, layer.attn_v,
                                                                 layer.attn_output)])),
-        "MLP products (with biases)": timed(lambda g, x, w: all_of(g, [g.linear(x, layer.ffn_up, layer.ffn_up_bias),
-                                                                       g.linear(w, layer.ffn_down,
-                                                                                layer.ffn_down_bias)])),
+        "MLP products (down bias)": timed(lambda g, x, w: all_of(g, [g.mul_mat(layer.ffn_up, x),
+                                                                     g.linear(w, layer.ffn_down, layer.ffn_down_bias)])),
         "attention": attention_seconds(backend, attention, runs, rng),
         "2 layer norms": timed(lambda g, x, w: all_of(g, [g.layer_norm(x, layer.attn_norm, layer.attn_norm_bias,
                                                                       HP.norm_eps),
                                                          g.layer_norm(x, layer.ffn_norm, layer.ffn_norm_bias,
                                                                       HP.norm_eps)])),
-        "GELU": timed(lambda g, x, w: g.gelu(w)),
+        "GELU (with the up bias)": timed(lambda g, x, w: vision.biased_gelu(g, w, layer.ffn_up_bias, attention)),
         "2 residual adds": timed(lambda g, x, w: all_of(g, [g.add(x, x), g.add(x, x)])),
     }
 
@@ -217,15 +223,17 @@ def report(args: argparse.Namespace) -> str:
              "|---|---|--:|--:|--:|--:|"]
     for name in args.types:
         layer, weights, buffer = random_layer(backend, Q[name], rng)
-        without = time_layer(backend, layer, None, args.runs)
         for attention in [p for p in (ours, "flash") if p]:
             total = time_layer(backend, layer, attention, args.runs)
+            without = time_layer(backend, layer, attention, args.runs, without_attention=True)
             lines.append(f"| {name} | {attention} | {total:.2f} | {without:.2f} | {total - without:.2f} | "
                          f"{total * LAYERS_PER_ENCODE:.0f} |")
             print(lines[-1], flush=True)
         if name == default_type and ours:
             parts = layer_parts(backend, layer, ours, args.runs, rng)
             whole = time_layer(backend, layer, ours, args.runs)
+            by_gelu = {label: time_layer(backend, layer, ours, args.runs, without_attention=True, gelu=gelu)
+                       for label, gelu in GELUS.items()}
         ggml.free_buffer(buffer)
         weights.close()
     if default_type in args.types and ours:
@@ -235,6 +243,9 @@ def report(args: argparse.Namespace) -> str:
         total = sum(parts.values())
         lines += [f"| {part} | {s:.3f} | {100 * s / total:.0f} % |" for part, s in parts.items()]
         lines.append(f"| sum of the parts | {total:.3f} | |")
+        lines += ["", "The layer without its attention, by the GELU it runs (the runtime's is the first):", "",
+                  "| GELU in the layer | layer without attention s |", "|---|--:|"]
+        lines += [f"| {label} | {s:.3f} |" for label, s in by_gelu.items()]
     lines += ["", "| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s |", "|---|--:|"]
     for name in ("F32", "F16", "BF16", "Q8_0"):
         lines.append(f"| {name} weights | {product_rate(backend, Q[name], args.runs, rng):.0f} |")
