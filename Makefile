@@ -9,7 +9,7 @@ LLAMA_CPP_PYTHON := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
 .PHONY: chat test test-devices install bench clean
 
-$(BIN)/.installed: pyproject.toml setup.py models/kernels/encoder.c
+$(BIN)/.installed: pyproject.toml setup.py models/kernels/cpu.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -25,7 +25,7 @@ test: install
 
 # llama-cpp-python built from source with the RPC backend (about 5 minutes on 2 cores), never from pip's
 # cache (it holds the CPU build) and never into it.
-$(DEVICES_BIN)/.installed: pyproject.toml setup.py models/kernels/encoder.c
+$(DEVICES_BIN)/.installed: pyproject.toml setup.py models/kernels/cpu.c
 	$(PYTHON) -m venv $(DEVICES_VENV)
 	$(DEVICES_BIN)/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="-DGGML_RPC=on" $(DEVICES_BIN)/python -m pip install --quiet --no-cache-dir \

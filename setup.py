@@ -8,6 +8,6 @@ working compiler still installs lva, which then says so once and uses ggml's own
 from setuptools import Extension, setup
 
 setup(ext_modules=[
-    Extension("models.kernels._encoder", ["models/kernels/encoder.c"], optional=True,
+    Extension("models.kernels._cpu", ["models/kernels/cpu.c"], optional=True,
               extra_compile_args=["-O3", "-std=c11"]),
 ])

@@ -56,11 +56,11 @@ def run_lva(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Say which paths of the encoder kernels this CPU runs, so a path never passes unseen by not running."""
-    from models.kernels import encoder as kernels
+    """Say which paths of our CPU kernels this CPU runs, so a path never passes unseen by not running."""
+    from models.kernels import cpu as kernels
 
     ran = kernels.runnable_paths()
     missing = [path for path in kernels.PATHS if path not in ran]
-    terminalreporter.write_line(f"encoder kernel paths (attention, GELU) run on this CPU: "
+    terminalreporter.write_line(f"lva CPU kernel paths (attention, GELU, cross-attention) run on this CPU: "
                                 f"{', '.join(ran) or 'none (not built)'}; "
                                 f"not run: {', '.join(missing) or 'none'}")

@@ -1,4 +1,4 @@
-"""Our fused attention kernel (models/kernels/encoder.c) against ggml's exact F32 softmax attention.
+"""Our fused attention kernel (models/kernels/cpu.c) against ggml's exact F32 softmax attention.
 
 Random inputs at the encoder's shapes (16 heads of 80, 1601 to 6432 tokens, both calls of the real-first
 order), odd token counts and the tiny configs' head dims, on 1, 2 and 3 threads. Each path has its own
@@ -29,7 +29,7 @@ from assistant import ModelError, load_model
 from convert.pipeline import convert
 from models import ggml
 from models.ggml import F32, Graph
-from models.kernels import encoder as kernels
+from models.kernels import cpu as kernels
 from models.mllama import vision
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -133,7 +133,7 @@ def test_without_the_library_the_encoder_says_so_once_and_keeps_ggml(tiny_f16_pa
     finally:
         for cached in (kernels._library, kernels._warn_once):
             cached.cache_clear()
-    warnings = [r.getMessage() for r in caplog.records if "encoder kernels are missing" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "CPU kernels are missing" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0] and "not built" in warnings[0]
 
 

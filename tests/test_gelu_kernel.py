@@ -1,4 +1,4 @@
-"""Our GELU kernel (models/kernels/encoder.c, `lva_gelu`) against the exact erf GELU in float64.
+"""Our GELU kernel (models/kernels/cpu.c, `lva_gelu`) against the exact erf GELU in float64.
 
 The encoder's MLP computes gelu(ffn_up x + bias) with it beside our attention kernel. Inputs: a grid over
 [-12, 12], normal values, and the edges (0, -0, the ±4√2 where erf's approximation is clamped, ±1e4,
@@ -17,7 +17,7 @@ import pytest
 
 from models import ggml
 from models.ggml import F32, Graph
-from models.kernels import encoder as kernels
+from models.kernels import cpu as kernels
 
 BOUND = 3.7e-7
 ROW = 53

@@ -17,7 +17,7 @@ from assistant.runtime.model import _stop_prefix_length
 from convert.pipeline import convert
 from models import ggml
 from models.ggml import BF16, F16
-from models.kernels import encoder as kernels
+from models.kernels import cpu as kernels
 from models.mllama.vision import products_in_bf16
 from tests.synthetic_checkpoint import small_config, write_checkpoint
 

@@ -24,6 +24,7 @@ import numpy as np
 from assistant.runtime.placement import self_layer_before
 from models import ggml
 from models.ggml import F32, Graph
+from models.kernels import cpu as kernels
 from models.mllama.cross_attention import Gates, cross_attention_layer
 from models.mllama.hparams import TextHParams
 from models.mllama.vision import ImageKV
@@ -151,9 +152,10 @@ class CrossAttentionHook:
         g = Graph(64 * len(self.points[name]) + 8)
         x_in = g.input(F32, self.hp.hidden_size, n_rows, name="rows")
         x = x_in
+        kernel = kernels.chosen_path() if self.backends[name].is_cpu else None   # our kernels are CPU code
         for index in self.points[name]:
             x = cross_attention_layer(g, x, self.layers[index], self.gates[index],
-                                      self.image.keys[index], self.image.values_t[index], self.hp)
+                                      self.image.keys[index], self.image.values_t[index], self.hp, kernel)
         return g, x_in, g.output(g.cont(x) if x == x_in else x)
 
     def _drop_graphs(self) -> None:

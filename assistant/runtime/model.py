@@ -25,7 +25,7 @@ from assistant.runtime.devices import offload_devices
 from assistant.runtime.placement import Placement
 from models import ggml, rpc
 from models.gguf_tensors import GGUFError, GGUFTensors
-from models.kernels.encoder import KernelError
+from models.kernels.cpu import KernelError
 from models.mllama import gguf_keys as K
 from models.mllama.cross_attention import Gates
 from models.mllama.hparams import MllamaHParams

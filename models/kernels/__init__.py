@@ -1,1 +1,1 @@
-"""Native kernels where ggml lacks one: a C file each, built on install, with its ctypes loader."""
+"""Native kernels where ggml's are slow: one C file (cpu.c), built on install, and its ctypes loader."""

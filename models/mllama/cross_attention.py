@@ -17,6 +17,7 @@ import numpy as np
 
 from models import ggml
 from models.ggml import Graph, Tensor
+from models.kernels import cpu as kernels
 from models.mllama.hparams import TextHParams
 from models.mllama.weights import CrossAttentionLayer
 
@@ -43,19 +44,26 @@ def image_key_value(g: Graph, image: Tensor, w: CrossAttentionLayer, hp: TextHPa
 
 
 def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Gates, key: Tensor, value_t: Tensor,
-                          hp: TextHParams) -> Tensor:
-    """x [hidden, rows] -> x after the layer; `key`/`value_t` as `image_key_value` lays them out."""
+                          hp: TextHParams, kernel: str | None = None) -> Tensor:
+    """x [hidden, rows] -> x after the layer; `key`/`value_t` as `image_key_value` lays them out.
+
+    `kernel` names a path of our CPU cross-attention kernel (models/kernels), for graphs that run on the
+    CPU: it takes a decoded token's few rows over F16 K/V; other graphs run ggml's ops."""
     hd, rows = hp.head_dim, ggml.shape(x)[1]
     kv_heads, group = hp.num_key_value_heads, hp.num_attention_heads // hp.num_key_value_heads
     h = g.rms_norm(x, w.attn_norm, hp.rms_norm_eps)
     q = g.rms_norm(g.reshape(g.mul_mat(w.attn_q, h), hd, group, kv_heads, rows), w.attn_q_norm, hp.rms_norm_eps)
     # The query heads of one KV head become columns of one product, so each image K/V is read once per step.
     q = g.reshape(g.cont(g.permute(q, 0, 1, 3, 2)), hd, group * rows, kv_heads)      # [hd, group*rows, kv]
-    # Q·Kᵀ with the image tokens as the wide side: ggml's CPU kernels run this orientation about 3x faster
-    # than a few query columns against a tall K (bench/cross_attention_bench.py).
-    scores = g.mul_mat(g.cast(q, ggml.struct(key).type), key)                         # [group*rows, tokens, kv]
-    scores = g.soft_max(g.cont(g.permute(scores, 1, 0, 2)), None, hd ** -0.5)        # [tokens, group*rows, kv]
-    attn = g.reshape(g.mul_mat(value_t, scores), hd, group, rows, kv_heads)
+    if kernel and kernels.cross_attention_fits(hd, group * rows, ggml.struct(key).type):
+        attn = kernels.cross_attention(g, q, key, value_t, hd ** -0.5, kernel)      # [hd, group*rows, kv]
+    else:
+        # Q·Kᵀ with the image tokens as the wide side: ggml's CPU kernels run this orientation about 3x
+        # faster than a few query columns against a tall K (bench/cross_attention_bench.py).
+        scores = g.mul_mat(g.cast(q, ggml.struct(key).type), key)                     # [group*rows, tokens, kv]
+        scores = g.soft_max(g.cont(g.permute(scores, 1, 0, 2)), None, hd ** -0.5)    # [tokens, group*rows, kv]
+        attn = g.mul_mat(value_t, scores)
+    attn = g.reshape(attn, hd, group, rows, kv_heads)
     attn = g.cont(g.permute(attn, 0, 1, 3, 2))                                        # [hd, group, kv, rows]
     attn = g.mul_mat(w.attn_output, g.reshape(attn, hp.hidden_size, rows))
     x = g.add(x, g.scale(attn, gates.attn))

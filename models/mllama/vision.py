@@ -22,7 +22,7 @@ from models.ggml import BF16, F16, F32, Graph, Tensor
 from models.mllama.hparams import MllamaHParams, VisionHParams
 from models.mllama.weights import (CrossAttentionLayer, GlobalVisionLayer, Kind, Projector, VisionEmbeddings,
                                    VisionLayer, global_vision_layer_prefixes, names, vision_layer_prefixes)
-from models.kernels import encoder as kernels
+from models.kernels import cpu as kernels
 from models.mllama import cross_attention
 
 Progress = Callable[[float], None]

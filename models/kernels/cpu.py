@@ -1,11 +1,11 @@
-"""Our vision-encoder kernels (encoder.c) as ggml graph nodes, and which of their paths this CPU runs.
+"""Our CPU kernels (cpu.c) as ggml graph nodes, and which of their paths this CPU runs.
 
 ggml 0.3.36's CPU flash attention multiplies in F32 and has no BF16 path, so the vision encoder's attention,
 most of an image's encode time, runs through our fused kernel on the CPU backend (never on another
-device); its GELU, a scalar loop in ggml, through our vectorised one. The library is built from source on
-install (setup.py). Where it is missing, or `LVA_ATTENTION=ggml`, the encoder keeps ggml's own kernels
-(flash attention, tabulated GELU). `LVA_ATTENTION=reference|avx2|avx512bf16` forces a path of both, for
-benchmarks and tests.
+device); its GELU, a scalar loop in ggml, through our vectorised one; and a decoded token's
+cross-attention over an image's K/V through one pass over them instead of ggml's four ops. The library is
+built from source on install (setup.py). Where it is missing, or `LVA_ATTENTION=ggml`, lva keeps ggml's
+own ops. `LVA_ATTENTION=reference|avx2|avx512bf16` forces a path of all three, for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import os
 from ctypes import c_float, c_int32, c_size_t
 
 from models import ggml
-from models.ggml import F32, Graph, Tensor
+from models.ggml import F16, F32, Graph, Tensor
 
-LIBRARY = "models.kernels._encoder"        # encoder.c, built by setup.py
+LIBRARY = "models.kernels._cpu"        # cpu.c, built by setup.py
 PATHS = {"reference": 0, "avx2": 1, "avx512bf16": 2}
 FASTEST_FIRST = ("avx512bf16", "avx2")        # the reference path is for tests: too slow to be chosen
 ENVIRONMENT = "LVA_ATTENTION"
@@ -32,9 +32,15 @@ class KernelError(RuntimeError):
 
 
 class Params(ctypes.Structure):
-    """`struct lva_attention_params` of encoder.c."""
+    """`struct lva_attention_params` of cpu.c."""
 
     _fields_ = [("heads", c_int32), ("real", c_int32), ("scale", c_float), ("path", c_int32)]
+
+
+class CrossParams(ctypes.Structure):
+    """`struct lva_cross_params` of cpu.c."""
+
+    _fields_ = [("scale", c_float), ("path", c_int32)]
 
 
 @functools.cache
@@ -89,14 +95,14 @@ def chosen_path(environment: dict[str, str] | os._Environ = os.environ) -> str |
         if wanted not in PATHS:
             raise KernelError(f"{ENVIRONMENT}={wanted} is not one of ggml, {', '.join(PATHS)}")
         if library is None:
-            raise KernelError(f"{ENVIRONMENT}={wanted}: lva's encoder kernels are not available: {why}")
+            raise KernelError(f"{ENVIRONMENT}={wanted}: lva's CPU kernels are not available: {why}")
         if wanted not in runnable_paths():
             raise KernelError(f"{ENVIRONMENT}={wanted}: this CPU cannot run that path "
                               f"(it runs {', '.join(runnable_paths())})")
         return wanted
     if library is None:
-        _warn_once(f"lva: the encoder kernels are missing: {why}; images are encoded with ggml's "
-                   f"slower flash attention and GELU. Reinstall lva where a C compiler is available to fix this.")
+        _warn_once(f"lva: its CPU kernels are missing: {why}; images are encoded, and answers about them "
+                   f"decoded, with ggml's slower ops. Reinstall lva where a C compiler is available to fix this.")
         return None
     return next((path for path in FASTEST_FIRST if path in runnable_paths()), None)
 
@@ -127,9 +133,30 @@ def gelu(g: Graph, x: Tensor, path: str, bias: Tensor | None = None) -> Tensor:
     return g.custom(F32, ggml.shape(x), sources, _function("lva_gelu"), c_int32(PATHS[path]))
 
 
+def cross_attention_fits(head_dim: int, queries: int, kv_type: int) -> bool:
+    """Whether `cross_attention` takes these: F16 image K/V, head dims of whole 16-wide vectors, and at most
+    the few queries (query heads per KV head x rows) of a decoded token or two."""
+    library, _ = _library()
+    return (library is not None and kv_type == int(F16) and head_dim % 16 == 0
+            and queries <= library.lva_cross_attention_max_queries())
+
+
+def cross_attention(g: Graph, q: Tensor, key: Tensor, value_t: Tensor, scale: float, path: str) -> Tensor:
+    """softmax(scale q keyᵀ) value per KV head, [hd, n_q, kv] F32, for q [hd, n_q, kv] F32 (contiguous) and
+    an image's F16 key [hd, tokens, kv] and value_t [tokens, hd, kv]: the decoder's cross-attention of a
+    decoded token, reading each KV head's keys and values once. CPU backend only."""
+    hd, n_q = ggml.shape(q)[:2]
+    if not cross_attention_fits(hd, n_q, ggml.struct(key).type) or ggml.struct(value_t).type != int(F16):
+        raise ValueError(f"cross-attention kernel: {n_q} queries of {hd} over F16 K/V only")
+    if not ggml.is_contiguous(q) or any(ggml.struct(t).nb[0] != 2 for t in (key, value_t)):
+        raise ValueError("cross-attention kernel: contiguous queries and K/V rows")
+    return g.custom(F32, ggml.shape(q)[:3], (q, key, value_t), _function("lva_cross_attention"),
+                    CrossParams(scale, PATHS[path]))
+
+
 def _function(name: str) -> int:
     """The address of one of the library's ops, for `Graph.custom`."""
     library, why = _library()
     if library is None:
-        raise KernelError(f"lva's encoder kernels are not available: {why}")
+        raise KernelError(f"lva's CPU kernels are not available: {why}")
     return ctypes.cast(getattr(library, name), ctypes.c_void_p).value

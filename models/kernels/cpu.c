@@ -1,5 +1,6 @@
-/* The mllama vision encoder's CPU kernels that ggml 0.3.36 lacks, as ggml custom ops (`ggml_custom_4d`):
- * fused softmax attention, and a vectorised GELU (its section, below the attention paths).
+/* lva's CPU kernels where ggml 0.3.36's are slow, as ggml custom ops (`ggml_custom_4d`), one section each:
+ * the vision encoder's fused softmax attention (first), its vectorised GELU, and the decoder's
+ * cross-attention of a decoded token's rows over an image's K/V.
  *
  * Attention
  *
@@ -617,6 +618,203 @@ AVX512 static void gelu_avx512(const float *x, const float *bias, float *y, int6
 
 #endif /* LVA_X86 */
 
+/* ---------------------------------------------------------------------------------------- cross-attention */
+
+/* The decoder's cross-attention for a few rows (a decoded token's), against an image's F16 K/V:
+ *     out[:, i, h] = softmax_t(scale * q[:, i, h] . key[:, t, h]) . value_t[t, :, h]
+ * for the n_q = (query heads per KV head) x rows queries i of each KV head h. ggml runs this as a product,
+ * a transposed copy, a softmax and a second product, each a pass with its own threads' sync; here each
+ * KV head's keys and values are read once, in one pass each, which is what a decoded token's time is
+ * made of (8 KV heads x 6404 tokens x 128 x 2 x 2 bytes = 26 MB per layer with a 4-tile image).
+ *
+ * Layouts, ggml order: src[0] = q [hd, n_q, kv] F32, src[1] = key [hd, T, kv] F16, src[2] = value_t
+ * [T, hd, kv] F16 (rows contiguous), dst = out [hd, n_q, kv] F32 contiguous. Threads take whole KV heads.
+ * The scores of a head (n_q x T floats) are this thread's scratch. SIMD paths need hd % 16 == 0. */
+
+enum { CROSS_MAX_QUERIES = 32 };           /* n_q at most: a few rows of the query heads of one KV head */
+
+struct lva_cross_params {
+    float scale;
+    int32_t path;
+};
+
+struct cross {
+    int64_t hd, n_q, tokens;
+    float scale;
+    const float *q;                           /* one head's queries, n_q rows of hd */
+    const uint16_t *key, *value_t;            /* one head's keys (T rows of hd), values (hd rows of T) */
+    size_t key_row, value_row;                /* elements from one row to the next */
+    float *out, *p;                           /* n_q rows of hd; the scores, n_q rows of T */
+};
+
+static float f32_of_f16(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    float f;
+    if (exponent == 0) {                      /* zero or subnormal: mantissa x 2^-24 */
+        f = (float)mantissa * (1.0f / 16777216.0f);
+        return sign ? -f : f;
+    }
+    const uint32_t u = sign | (exponent == 0x1f ? 0x7f800000 | (mantissa << 13) : ((exponent + 112) << 23) | (mantissa << 13));
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* p[i] = exp(p[i] - max) over a row of scores, returning 1 / their sum. */
+static float softmax_row_reference(float *p, int64_t n) {
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < n; t++) max = fmaxf(max, p[t]);
+    for (int64_t t = 0; t < n; t++) sum += p[t] = expf(p[t] - max);
+    return 1.0f / sum;
+}
+
+static void cross_reference(const struct cross *c) {
+    for (int64_t t = 0; t < c->tokens; t++) {
+        const uint16_t *k = c->key + t * c->key_row;
+        for (int64_t i = 0; i < c->n_q; i++) {
+            float s = 0.0f;
+            for (int64_t d = 0; d < c->hd; d++) s += c->q[i * c->hd + d] * f32_of_f16(k[d]);
+            c->p[i * c->tokens + t] = s * c->scale;
+        }
+    }
+    for (int64_t i = 0; i < c->n_q; i++) {
+        const float inverse = softmax_row_reference(c->p + i * c->tokens, c->tokens);
+        for (int64_t d = 0; d < c->hd; d++) {
+            const uint16_t *v = c->value_t + d * c->value_row;
+            float s = 0.0f;
+            for (int64_t t = 0; t < c->tokens; t++) s += c->p[i * c->tokens + t] * f32_of_f16(v[t]);
+            c->out[i * c->hd + d] = s * inverse;
+        }
+    }
+}
+
+#ifdef LVA_X86
+
+AVX2 static float softmax_row_avx2(float *p, int64_t n) {
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < n; t++) max = fmaxf(max, p[t]);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(max)));
+        _mm256_storeu_ps(p + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    for (; t < n; t++) sum += p[t] = expf(p[t] - max);
+    return 1.0f / (sum + hsum_avx2(vsum));
+}
+
+/* Queries go four at a time, their accumulators in registers; a last group of fewer repeats its last
+ * query (computed, not stored). */
+AVX2 static void cross_avx2(const struct cross *c) {
+    const int64_t hd = c->hd, n = c->tokens;
+    for (int64_t i0 = 0; i0 < c->n_q; i0 += 4) {
+        const float *q[4];
+        for (int j = 0; j < 4; j++) q[j] = c->q + min64(i0 + j, c->n_q - 1) * hd;
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *k = c->key + t * c->key_row;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < hd; d += 8) {
+                const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + d)));
+                a0 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[0] + d), a0);
+                a1 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[1] + d), a1);
+                a2 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[2] + d), a2);
+                a3 = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[3] + d), a3);
+            }
+            const float sums[4] = {hsum_avx2(a0), hsum_avx2(a1), hsum_avx2(a2), hsum_avx2(a3)};
+            for (int j = 0; j < 4 && i0 + j < c->n_q; j++) c->p[(i0 + j) * n + t] = sums[j] * c->scale;
+        }
+    }
+    float inverse[CROSS_MAX_QUERIES];
+    for (int64_t i = 0; i < c->n_q; i++) inverse[i] = softmax_row_avx2(c->p + i * n, n);
+    for (int64_t i0 = 0; i0 < c->n_q; i0 += 4) {
+        const float *p[4];
+        for (int j = 0; j < 4; j++) p[j] = c->p + min64(i0 + j, c->n_q - 1) * n;
+        for (int64_t d = 0; d < hd; d++) {
+            const uint16_t *v = c->value_t + d * c->value_row;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t t = 0;
+            for (; t + 8 <= n; t += 8) {
+                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + t)));
+                a0 = _mm256_fmadd_ps(vv, _mm256_loadu_ps(p[0] + t), a0);
+                a1 = _mm256_fmadd_ps(vv, _mm256_loadu_ps(p[1] + t), a1);
+                a2 = _mm256_fmadd_ps(vv, _mm256_loadu_ps(p[2] + t), a2);
+                a3 = _mm256_fmadd_ps(vv, _mm256_loadu_ps(p[3] + t), a3);
+            }
+            float sums[4] = {hsum_avx2(a0), hsum_avx2(a1), hsum_avx2(a2), hsum_avx2(a3)};
+            for (int j = 0; j < 4 && i0 + j < c->n_q; j++) {
+                for (int64_t u = t; u < n; u++) sums[j] += p[j][u] * f32_of_f16(v[u]);
+                c->out[(i0 + j) * hd + d] = sums[j] * inverse[i0 + j];
+            }
+        }
+    }
+}
+
+AVX512 static float softmax_row_avx512(float *p, int64_t n) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p + t));
+    float max = _mm512_reduce_max_ps(vmax), sum = 0.0f;
+    for (int64_t u = t; u < n; u++) max = fmaxf(max, p[u]);
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+        const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(p + t), _mm512_set1_ps(max)));
+        _mm512_storeu_ps(p + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    for (; t < n; t++) sum += p[t] = expf(p[t] - max);
+    return 1.0f / (sum + _mm512_reduce_add_ps(vsum));
+}
+
+/* Queries go four at a time, their accumulators in registers; a last group of fewer repeats its last
+ * query (computed, not stored). */
+AVX512 static void cross_avx512(const struct cross *c) {
+    const int64_t hd = c->hd, n = c->tokens;
+    for (int64_t i0 = 0; i0 < c->n_q; i0 += 4) {
+        const float *q[4];
+        for (int j = 0; j < 4; j++) q[j] = c->q + min64(i0 + j, c->n_q - 1) * hd;
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *k = c->key + t * c->key_row;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < hd; d += 16) {
+                const __m512 kv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k + d)));
+                a0 = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q[0] + d), a0);
+                a1 = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q[1] + d), a1);
+                a2 = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q[2] + d), a2);
+                a3 = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q[3] + d), a3);
+            }
+            const float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                                   _mm512_reduce_add_ps(a3)};
+            for (int j = 0; j < 4 && i0 + j < c->n_q; j++) c->p[(i0 + j) * n + t] = sums[j] * c->scale;
+        }
+    }
+    float inverse[CROSS_MAX_QUERIES];
+    for (int64_t i = 0; i < c->n_q; i++) inverse[i] = softmax_row_avx512(c->p + i * n, n);
+    for (int64_t i0 = 0; i0 < c->n_q; i0 += 4) {
+        const float *p[4];
+        for (int j = 0; j < 4; j++) p[j] = c->p + min64(i0 + j, c->n_q - 1) * n;
+        for (int64_t d = 0; d < hd; d++) {
+            const uint16_t *v = c->value_t + d * c->value_row;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t t = 0;
+            for (; t + 16 <= n; t += 16) {
+                const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + t)));
+                a0 = _mm512_fmadd_ps(vv, _mm512_loadu_ps(p[0] + t), a0);
+                a1 = _mm512_fmadd_ps(vv, _mm512_loadu_ps(p[1] + t), a1);
+                a2 = _mm512_fmadd_ps(vv, _mm512_loadu_ps(p[2] + t), a2);
+                a3 = _mm512_fmadd_ps(vv, _mm512_loadu_ps(p[3] + t), a3);
+            }
+            float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                             _mm512_reduce_add_ps(a3)};
+            for (int j = 0; j < 4 && i0 + j < c->n_q; j++) {
+                for (int64_t u = t; u < n; u++) sums[j] += p[j][u] * f32_of_f16(v[u]);
+                c->out[(i0 + j) * hd + d] = sums[j] * inverse[i0 + j];
+            }
+        }
+    }
+}
+
+#endif /* LVA_X86 */
+
 /* ---------------------------------------------------------------------------------------- entry points */
 
 /* Bit `path` is set for each path this CPU can run (the OS saving the wider registers included). */
@@ -668,3 +866,31 @@ void lva_gelu(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
     for (int64_t r = first; r < end; r++)
         gelu((const float *)x->data + r * n, bias ? bias->data : NULL, (float *)dst->data + r * n, n);
 }
+
+/* dst = cross-attention of src[0] (queries) over src[1] (key) and src[2] (value_t); see its section. */
+void lva_cross_attention(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const struct lva_cross_params *params = userdata;
+    const struct ggml_tensor *q = dst->src[0], *key = dst->src[1], *value_t = dst->src[2];
+    const int64_t hd = q->ne[0], n_q = q->ne[1], heads = q->ne[2], tokens = key->ne[1];
+    void (*attend)(const struct cross *) = cross_reference;
+#ifdef LVA_X86
+    if (params->path == PATH_AVX2) attend = cross_avx2;
+    if (params->path == PATH_AVX512BF16) attend = cross_avx512;
+#endif
+    float *scores = NULL;
+    for (int64_t h = heads * ith / nth; h < heads * (ith + 1) / nth; h++) {
+        if (!scores) scores = scratch_alloc((size_t)(n_q * tokens) * sizeof(float));
+        const struct cross c = {
+            .hd = hd, .n_q = n_q, .tokens = tokens, .scale = params->scale,
+            .q = (const float *)((const char *)q->data + h * q->nb[2]),
+            .key = (const uint16_t *)((const char *)key->data + h * key->nb[2]),
+            .value_t = (const uint16_t *)((const char *)value_t->data + h * value_t->nb[2]),
+            .key_row = key->nb[1] / 2, .value_row = value_t->nb[1] / 2,
+            .out = (float *)((char *)dst->data + h * dst->nb[2]), .p = scores,
+        };
+        attend(&c);
+    }
+    free(scores);
+}
+
+int lva_cross_attention_max_queries(void) { return CROSS_MAX_QUERIES; }
