@@ -1,10 +1,13 @@
-"""Q·Kᵀ of one decoded token against a 4-tile image's keys, in the two orientations ggml can compute it.
+"""One decoded token's cross-attention against a 4-tile image's K/V: Q·Kᵀ in the two orientations ggml can
+compute it, then the whole attention as ggml's ops and as our CPU kernel (models/kernels/cpu.c).
 
 At 11B shapes (8 KV heads of 128, 4 query heads each, 6404 image tokens) a cross-attention layer reads
 13 MB of keys per decoded token. `mul_mat(K, q)` makes the image tokens the rows of the "weight" and the
 4 query heads the columns; `mul_mat(q, K)` makes them the wide side. ggml's CPU kernels are far from
 equal on the two, which is why `models/mllama/cross_attention.py` uses the second and transposes the
-small result.
+small result. The whole attention reads 26 MB of F16 keys and values per layer; ggml's four ops (product,
+transposed copy, softmax, product) each pass over their data with their own thread sync, our kernel reads
+each KV head's keys and values once.
 
     python bench/cross_attention_bench.py
 """
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import ggml  # noqa: E402
 from models.ggml import F16, F32, Graph  # noqa: E402
+from models.kernels import cpu as kernels  # noqa: E402
 
 HEAD_DIM, IMAGE_TOKENS, KV_HEADS, GROUP = 128, 6404, 8, 4
 REPEATS = 50
@@ -60,6 +64,35 @@ def main() -> None:
         print(f"| {qtype.name} | {tall:.2f} | {wide:.2f} | {tall / wide:.1f} |")
         ggml.free_buffer(buffer)
         weights.close()
+    whole_attention(backend)
+
+
+def whole_attention(backend: ggml.Backend) -> None:
+    """softmax(q Kᵀ / √d) V for one decoded token, F16 K/V as the runtime keeps them."""
+    rng = np.random.default_rng(2)
+    weights = Graph(2)
+    key = weights.new(F16, HEAD_DIM, IMAGE_TOKENS, KV_HEADS, name="k")
+    value_t = weights.new(F16, IMAGE_TOKENS, HEAD_DIM, KV_HEADS, name="v")
+    buffer = backend.alloc(weights)
+    for t in (key, value_t):
+        ggml.tensor_set(t, rng.standard_normal(ggml.shape(t)[:3][::-1]).astype(np.float16))
+    scale = HEAD_DIM ** -0.5
+
+    def ggml_ops(g: Graph, q: int, _: int) -> int:
+        scores = g.soft_max(g.cont(g.permute(g.mul_mat(g.cast(q, F16), key), 1, 0, 2)), None, scale)
+        return g.mul_mat(value_t, scores)
+
+    rows = [("ggml: product, transpose, softmax, product", milliseconds(backend, ggml_ops, key))]
+    rows += [(f"lva kernel, {path} path", milliseconds(backend, lambda g, q, _, path=path: kernels.cross_attention(
+        g, q, key, value_t, scale, path), key)) for path in kernels.FASTEST_FIRST if path in kernels.runnable_paths()]
+    megabytes = 2 * KV_HEADS * IMAGE_TOKENS * HEAD_DIM * 2 / 1e6
+    print(f"\nthe whole attention ({megabytes:.0f} MB of F16 K/V):")
+    print("| attention | ms | GB/s of K/V |")
+    print("|---|--:|--:|")
+    for label, ms in rows:
+        print(f"| {label} | {ms:.2f} | {megabytes / ms:.1f} |")
+    ggml.free_buffer(buffer)
+    weights.close()
 
 
 if __name__ == "__main__":

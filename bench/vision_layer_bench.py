@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from models import ggml  # noqa: E402
 from models.ggml import F16, F32, Graph  # noqa: E402
-from models.kernels import encoder as kernels  # noqa: E402
+from models.kernels import cpu as kernels  # noqa: E402
 from models.mllama import vision  # noqa: E402
 from models.mllama.hparams import VisionHParams  # noqa: E402
 from models.mllama.weights import VisionLayer  # noqa: E402
