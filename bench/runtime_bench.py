@@ -18,6 +18,8 @@ It prints PASS/FAIL for each target of the runtime issue:
 
     python bench/runtime_bench.py                  # prints the tables (about 15 minutes on 2 cores)
     python bench/runtime_bench.py --write-docs     # and rewrites the runtime section of docs/PERFORMANCE.md
+    LVA_ATTENTION=avx2 /work/venv-avx2/bin/python bench/runtime_bench.py --work /data/rb --reuse \
+        --reference-python none --write-docs --section runtime-avx2     # as an AVX2-only CPU (first_answer_bench)
     python bench/runtime_bench.py --work /data/rb --reuse   # keep the converted pair, reuse it next time
     python bench/runtime_bench.py --quick          # shallow vision tower: checks the script, not the runtime
 """
@@ -56,7 +58,7 @@ from models import ggml  # noqa: E402
 from convert.pipeline import convert, output_paths  # noqa: E402
 from tests.synthetic_checkpoint import eleven_b_config, tensor_shapes, write_checkpoint  # noqa: E402
 
-from report import DOCS, machine, write_section  # noqa: E402
+from report import DOCS, emulation_note, machine, write_section  # noqa: E402
 
 HEADING = "## Runtime (`load_model`, images, decoding)"
 INTRO = """\
@@ -237,14 +239,14 @@ def main() -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    report = render_report(results)
+    report = "\n".join([*emulation_note(), render_report(results)])
     print(report)
     verdicts = [passed for *_, passed in targets(results)]
     print(f"\ntargets: {verdicts.count(True)} PASS, {verdicts.count(False)} FAIL, "
           f"{verdicts.count(None)} not measured")
     if args.write_docs:
-        write_section("runtime", report, f"{HEADING}\n\n{INTRO}")
-        print(f"wrote the runtime section of {DOCS.relative_to(REPO)}")
+        write_section(args.section, report, f"{HEADING}\n\n{INTRO}" if args.section == "runtime" else "")
+        print(f"wrote the {args.section} section of {DOCS.relative_to(REPO)}")
     return 0
 
 
@@ -268,6 +270,8 @@ def parse_args() -> argparse.Namespace:
                              f"{DEFAULT_REFERENCE_PYTHON} if it has them; 'none': skip")
     parser.add_argument("--write-docs", action="store_true",
                         help=f"rewrite the runtime section of {DOCS.relative_to(REPO)} with the results")
+    parser.add_argument("--section", default="runtime",
+                        help="the section of PERFORMANCE.md --write-docs writes (runtime-avx2: the emulated AVX2 run)")
     args = parser.parse_args()
     if args.write_docs and args.quick:
         parser.error("--write-docs records the full-depth vision tower; drop --quick")
