@@ -118,7 +118,7 @@ struct path {
 static void *scratch_alloc(size_t bytes) {
     void *memory = aligned_alloc(64, (size_t)round_up((int64_t)bytes, 64));
     if (!memory) {
-        fprintf(stderr, "lva attention: out of memory for %zu bytes of scratch\n", bytes);
+        fprintf(stderr, "lva kernels: out of memory for %zu bytes of scratch\n", bytes);
         abort();                              /* as ggml does when a CPU op cannot get memory */
     }
     return memory;
