@@ -22,7 +22,8 @@ As an AVX2-only CPU would run it, on an AVX-512 machine: llama-cpp-python built 
 environment, our kernel's AVX2 path, torch's kernels limited to AVX2 and HF in fp32:
 
     LVA_ATTENTION=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-        /work/venv-avx2/bin/python bench/first_answer_bench.py --reuse --hf-dtype float32 --section first-answer-avx2
+        FBGEMM_ENABLE_INSTRUCTIONS=AVX2 /work/venv-avx2/bin/python bench/first_answer_bench.py --reuse \
+        --hf-dtype float32 --section first-answer-avx2
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def emulation_note() -> list[str]:
     if "avx512f" not in cpu_flags().split() or ggml.cpu_features().get("AVX512") == "1":
         return []
     limits = ", ".join(f"{k}={os.environ[k]}" for k in ("LVA_ATTENTION", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                                        "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
+                                                        "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
+                       if k in os.environ)
     return [f"**As an AVX2-only CPU would run it**, on this AVX-512 machine: llama-cpp-python built with AVX2, FMA "
             f"and F16C but no AVX-512 (ggml's features: {', '.join(ggml.cpu_features())}), and "
             f"{limits or 'no limits'}. "

@@ -7,14 +7,16 @@ most of the encode time. In one run, on one machine:
   split into the layer without attention and the rest;
 - the parts of the layer the runtime uses by default (its fastest weight type here, our kernel): matrix
   products, attention, layer norms, GELU, residual adds, each timed alone; and the layer with each GELU;
-- ggml's matrix product rate per weight type;
+- the matrix product rate: ggml's per weight type, and torch's in fp32, bf16 and 8-bit integers (a child
+  process with the `reference` extra's interpreter);
 - attention alone: each path of our kernel this CPU runs, ggml's flash attention (with Meta's mask in
   HF's tile-major order, and without, in the encoder's order), and torch's SDPA in bf16 and fp32 as HF
   calls it (a child process with the `reference` extra's interpreter).
 
     python bench/vision_layer_bench.py                         # prints the tables
     python bench/vision_layer_bench.py --write-docs            # and rewrites its section of PERFORMANCE.md
-    LVA_ATTENTION=avx2 ATEN_CPU_CAPABILITY=avx2 /work/venv-avx2/bin/python bench/vision_layer_bench.py \
+    LVA_ATTENTION=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+    FBGEMM_ENABLE_INSTRUCTIONS=AVX2 /work/venv-avx2/bin/python bench/vision_layer_bench.py \
         --types F16 Q8_0 F32 --section vision-layer-avx2 --write-docs    # as an AVX2-only CPU (first_answer_bench)
 """
 
@@ -195,14 +197,15 @@ def layer_parts(backend: ggml.Backend, layer: VisionLayer, attention: str, runs:
     }
 
 
-def torch_attention(python: str, threads: int, runs: int) -> dict | str:
-    """torch SDPA's seconds per variant, or why there are none."""
+def torch_peer(script: str, python: str, threads: int, runs: int) -> dict | str:
+    """One of torch's peers (bench/torch_attention.py, bench/torch_products.py): seconds per variant, or why
+    there are none."""
     if not Path(python).exists():
         return f"no torch: {python} does not exist (--reference-python)"
-    done = subprocess.run([python, str(REPO / "bench" / "torch_attention.py"), "--threads", str(threads),
-                           "--runs", str(runs)], capture_output=True, text=True)
+    done = subprocess.run([python, str(REPO / "bench" / script), "--threads", str(threads), "--runs", str(runs)],
+                          capture_output=True, text=True)
     if done.returncode:
-        return f"torch SDPA failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+        return f"torch's {script} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -246,15 +249,21 @@ def report(args: argparse.Namespace) -> str:
         lines += ["", "The layer without its attention, by the GELU it runs (the runtime's is the first):", "",
                   "| GELU in the layer | layer without attention s |", "|---|--:|"]
         lines += [f"| {label} | {s:.3f} |" for label, s in by_gelu.items()]
-    lines += ["", "| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s |", "|---|--:|"]
+    lines += ["", "| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s (integers: GOP/s) |", "|---|--:|"]
     for name in ("F32", "F16", "BF16", "Q8_0"):
-        lines.append(f"| {name} weights | {product_rate(backend, Q[name], args.runs, rng):.0f} |")
+        lines.append(f"| ggml, {name} weights | {product_rate(backend, Q[name], args.runs, rng):.0f} |")
+    torch_products = torch_peer("torch_products.py", args.reference_python, args.threads, args.runs)
+    if isinstance(torch_products, dict):
+        lines += [f"| torch {torch_products['torch']}, {variant} | {torch_products['flop'] / seconds / 1e9:.0f} |"
+                  for variant, seconds in torch_products["seconds"].items()]
+    else:
+        lines.append(f"\n({torch_products})")
     rows = [(f"lva kernel, {path} path", attention_seconds(backend, path, args.runs, rng)) for path in paths]
     rows += [("ggml flash attention (F16 K/V), encoder order, no mask", attention_seconds(backend, "flash", args.runs,
                                                                                           rng)),
              ("ggml flash attention (F16 K/V), tile-major with Meta's mask",
               attention_seconds(backend, "flash", args.runs, rng, masked=True))]
-    torch_rows = torch_attention(args.reference_python, args.threads, args.runs)
+    torch_rows = torch_peer("torch_attention.py", args.reference_python, args.threads, args.runs)
     if isinstance(torch_rows, dict):
         rows += [(f"torch {torch_rows['torch']} SDPA, {variant}", seconds)
                  for variant, seconds in torch_rows["seconds"].items()]
@@ -274,7 +283,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON,
-                        help="an interpreter with torch, for its SDPA (the `reference` extra)")
+                        help="an interpreter with torch, for its SDPA and products (the `reference` extra)")
     parser.add_argument("--write-docs", action="store_true", help="rewrite this bench's section of PERFORMANCE.md")
     parser.add_argument("--section", default="vision-layer", help="the section of PERFORMANCE.md --write-docs writes")
     args = parser.parse_args()
