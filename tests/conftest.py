@@ -61,6 +61,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
     ran = kernels.runnable_paths()
     missing = [path for path in kernels.PATHS if path not in ran]
-    terminalreporter.write_line(f"lva CPU kernel paths (attention, GELU, cross-attention) run on this CPU: "
-                                f"{', '.join(ran) or 'none (not built)'}; "
+    terminalreporter.write_line(f"lva CPU kernel paths (attention, GELU, cross-attention, int16 products) run on "
+                                f"this CPU: {', '.join(ran) or 'none (not built)'}; "
                                 f"not run: {', '.join(missing) or 'none'}")

@@ -1,6 +1,7 @@
 /* lva's CPU kernels where ggml 0.3.36's are slow, as ggml custom ops (`ggml_custom_4d`), one section each:
- * the vision encoder's fused softmax attention (first), its vectorised GELU, and the decoder's
- * cross-attention of a decoded token's rows over an image's K/V.
+ * the vision encoder's fused softmax attention (first), its vectorised GELU, the decoder's cross-attention
+ * of a decoded token's rows over an image's K/V, and the vision tower's matrix products in 16-bit integers
+ * for CPUs without BF16 arithmetic.
  *
  * Attention
  *
@@ -20,7 +21,8 @@
  *
  * Paths (chosen by the caller; `lva_attention_paths` says which this CPU runs, detected at run time):
  *   reference    plain C in F32, row by row: the yardstick for the tests.
- *   avx2         AVX2 + FMA + F16C: K and V stored as F16, Q, scores and accumulation in F32.
+ *   avx2         AVX2 + FMA + F16C: Q, K, P and V rounded to 16-bit integers with F32 scales (see its
+ *                section), Q.K^T and P.V in int32 with vpmaddwd, online softmax in F32.
  *   avx512bf16   AVX-512F/BW + AVX512_BF16: Q, K, V and the probabilities P rounded to BF16, as torch's BF16
  *                flash attention does; Q.K^T and P.V with _mm512_dpbf16_ps, online softmax in F32.
  * The SIMD paths are flash attention (online softmax over blocks of KEY_BLOCK keys, queries in blocks of
@@ -71,6 +73,8 @@ void lva_attention_tensor_offsets(size_t out[5]) {
     out[3] = offsetof(struct ggml_tensor, data);
     out[4] = sizeof(struct ggml_tensor);
 }
+
+int lva_attention_paths(void);              /* the entry points, at the end */
 
 /* ---------------------------------------------------------------------------------------- the problem */
 
@@ -190,6 +194,16 @@ static const struct path reference_path = {1, reference_scratch_bytes, reference
 
 /* ---------------------------------------------------------------------------------------- shared by the SIMD paths */
 
+/* Rounds `values` (n of them, F32) to integers of at most `limit` (16-bit integer arithmetic: the AVX2
+ * attention, the int16 products); returns their scale. lrintf rounds to nearest even, as cvtps does. */
+static float int16_round_reference(const float *values, int16_t *q, int n, float limit) {
+    float largest = 0.0f;
+    for (int i = 0; i < n; i++) largest = fmaxf(largest, fabsf(values[i]));
+    const float to_int = largest > 0.0f ? limit / largest : 0.0f;
+    for (int i = 0; i < n; i++) q[i] = (int16_t)lrintf(values[i] * to_int);
+    return largest / limit;
+}
+
 enum { QUERY_BLOCK = 96, KEY_BLOCK = 256 };   /* S and P for a block: 96 x 256 F32 = 96 KiB, in L2 */
 
 /* The SIMD paths' scratch, carved out of one allocation. hdp = hd padded to 16 (zeros). */
@@ -198,14 +212,17 @@ struct blocks {
     uint16_t *k, *v;                          /* a head's packed keys and values, every key block */
     void *q;                                  /* the query block, packed */
     float *s;                                 /* scores, then (AVX2) probabilities: [QUERY_BLOCK][KEY_BLOCK] */
-    uint16_t *p;                              /* (BF16) probabilities: [QUERY_BLOCK][KEY_BLOCK] */
+    uint16_t *p;                              /* probabilities, BF16 or (AVX2) int16: [QUERY_BLOCK][KEY_BLOCK] */
     float *o, *max, *sum;                     /* [QUERY_BLOCK][hdp], [QUERY_BLOCK], [QUERY_BLOCK] */
+    float *k_scale, *v_scale;                 /* (AVX2) per key; per key block and dimension */
+    float *q_scale, *p_scale;                 /* (AVX2) per query row; per row of the key block */
 };
 
 static size_t blocks_bytes(const struct problem *p, size_t q_element) {
     const int64_t hdp = round_up(p->hd, 16), keys = round_up(p->n_kv, KEY_BLOCK);
     return 2 * (size_t)keys * hdp * 2 + (size_t)QUERY_BLOCK * hdp * q_element
-         + (size_t)QUERY_BLOCK * KEY_BLOCK * (4 + 2) + (size_t)QUERY_BLOCK * (hdp + 2) * 4 + 8 * 64;
+         + (size_t)QUERY_BLOCK * KEY_BLOCK * (4 + 2) + (size_t)QUERY_BLOCK * (hdp + 2) * 4
+         + ((size_t)keys + (size_t)(keys / KEY_BLOCK) * hdp + 2 * QUERY_BLOCK) * 4 + 12 * 64;
 }
 
 static struct blocks blocks_in(const struct problem *p, void *scratch, size_t q_element) {
@@ -223,6 +240,10 @@ static struct blocks blocks_in(const struct problem *p, void *scratch, size_t q_
     TAKE(o, (size_t)QUERY_BLOCK * b.hdp * 4);
     TAKE(max, QUERY_BLOCK * 4);
     TAKE(sum, QUERY_BLOCK * 4);
+    TAKE(k_scale, (size_t)b.key_blocks * KEY_BLOCK * 4);
+    TAKE(v_scale, (size_t)b.key_blocks * b.hdp * 4);
+    TAKE(q_scale, QUERY_BLOCK * 4);
+    TAKE(p_scale, QUERY_BLOCK * 4);
 #undef TAKE
     return b;
 }
@@ -284,70 +305,118 @@ AVX2_INLINE float hsum_avx2(__m256 x) {
     return _mm_cvtss_f32(s);
 }
 
-static size_t avx2_scratch_bytes(const struct problem *p) { return blocks_bytes(p, 4); }
+/* q[0..16) = a and b times to_int, rounded to nearest even (as lrintf) and narrowed to int16, in order. */
+AVX2_INLINE void avx2_store_int16(__m256 a, __m256 b, __m256 to_int, int16_t *q) {
+    const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(a, to_int)), hi = _mm256_cvtps_epi32(_mm256_mul_ps(b, to_int));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+}
 
-/* Keys as [key block][hdp][KEY_BLOCK] (a dimension's keys side by side), values as [key][hdp]; F16. */
+/* The AVX2 path multiplies 16-bit integers (vpmaddwd: 16 multiply-adds an instruction, about twice AVX2's
+ * F32 FMA rate): Q and K rounded to 13-bit integers with one scale per row of a head (96 x 4095^2 < 2^31),
+ * P to 12-bit ones per row of a key block and V to 13-bit ones per dimension of a key block (256 x 2047 x
+ * 4095 < 2^31); the int32 sums are scaled into F32 scores and outputs, and the softmax is F32. */
+enum { I16_QK_LARGEST = 4095, I16_P_LARGEST = 2047 };
+
+static size_t avx2_scratch_bytes(const struct problem *p) { return blocks_bytes(p, 2); }
+
+/* Keys as [key block][hdp/2][KEY_BLOCK][2] (a pair of dimensions of 8 keys in a vector), values as
+ * [key block][KEY_BLOCK/2][hdp][2] (a pair of keys of 8 dimensions in a vector); int16, with their scales. */
 AVX2 static void avx2_pack_head(const struct problem *p, int64_t h, void *scratch) {
-    struct blocks b = blocks_in(p, scratch, 4);
-    const int64_t keys = b.key_blocks * KEY_BLOCK;
+    struct blocks b = blocks_in(p, scratch, 2);
+    const int64_t hdp = b.hdp, keys = b.key_blocks * KEY_BLOCK;
+    int16_t *k = (int16_t *)b.k, *v = (int16_t *)b.v, q[96];
+    float row[96];
     for (int64_t s = 0; s < keys; s++) {
-        uint16_t *k = b.k + (s / KEY_BLOCK) * KEY_BLOCK * b.hdp + s % KEY_BLOCK, *v = b.v + s * b.hdp;
-        const float *ks = s < p->n_kv ? k_at(p, s, h) : NULL, *vs = s < p->n_kv ? v_at(p, s, h) : NULL;
-        for (int64_t i = 0; i < b.hdp; i++) {
-            const int real = ks && i < p->hd;
-            k[i * KEY_BLOCK] = _cvtss_sh(real ? ks[i] : 0.0f, _MM_FROUND_TO_NEAREST_INT);
-            v[i] = _cvtss_sh(real ? vs[i] : 0.0f, _MM_FROUND_TO_NEAREST_INT);
+        const float *ks = s < p->n_kv ? k_at(p, s, h) : NULL;
+        for (int64_t i = 0; i < hdp; i++) row[i] = ks && i < p->hd ? ks[i] : 0.0f;
+        b.k_scale[s] = int16_round_reference(row, q, (int)hdp, I16_QK_LARGEST);
+        int16_t *key = k + (s / KEY_BLOCK) * KEY_BLOCK * hdp + (s % KEY_BLOCK) * 2;
+        for (int64_t i = 0; i < hdp; i++) key[(i / 2) * KEY_BLOCK * 2 + (i & 1)] = q[i];
+    }
+    for (int64_t block = 0; block < b.key_blocks; block++)
+        for (int64_t i = 0; i < hdp; i++) {
+            float largest = 0.0f;
+            for (int64_t j = 0; j < KEY_BLOCK; j++) {
+                const int64_t s = block * KEY_BLOCK + j;
+                if (s < p->n_kv && i < p->hd) largest = fmaxf(largest, fabsf(v_at(p, s, h)[i]));
+            }
+            const float to_int = largest > 0.0f ? I16_QK_LARGEST / largest : 0.0f;
+            b.v_scale[block * hdp + i] = largest / I16_QK_LARGEST;
+            int16_t *value = v + block * KEY_BLOCK * hdp + i * 2;
+            for (int64_t j = 0; j < KEY_BLOCK; j++) {
+                const int64_t s = block * KEY_BLOCK + j;
+                value[(j / 2) * hdp * 2 + (j & 1)] =
+                    (int16_t)(s < p->n_kv && i < p->hd ? lrintf(v_at(p, s, h)[i] * to_int) : 0);
+            }
+        }
+}
+
+/* S[4 rows][16 keys] = Q . K^T: int32 sums over the dimension pairs, scaled into F32. */
+AVX2_INLINE void avx2_scores_4x16(const int16_t *q, int64_t hdp, const int16_t *k, const float *q_scale,
+                                  const float *k_scale, float *s) {
+    const int32_t *x = (const int32_t *)q;
+    const int64_t pairs = hdp / 2;
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+            a31 = a00;
+    for (int64_t i = 0; i < pairs; i++) {
+        const __m256i k0 = _mm256_loadu_si256((const __m256i *)(k + i * KEY_BLOCK * 2));
+        const __m256i k1 = _mm256_loadu_si256((const __m256i *)(k + i * KEY_BLOCK * 2 + 16));
+        __m256i xr;
+#define LVA_QK_ROW(r)                                                      \
+    xr = _mm256_set1_epi32(x[(r) * pairs + i]);                            \
+    a##r##0 = _mm256_add_epi32(a##r##0, _mm256_madd_epi16(xr, k0));        \
+    a##r##1 = _mm256_add_epi32(a##r##1, _mm256_madd_epi16(xr, k1));
+        LVA_QK_ROW(0) LVA_QK_ROW(1) LVA_QK_ROW(2) LVA_QK_ROW(3)
+#undef LVA_QK_ROW
+    }
+    const __m256i sums[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    const __m256 ks[2] = {_mm256_loadu_ps(k_scale), _mm256_loadu_ps(k_scale + 8)};
+    for (int r = 0; r < 4; r++) {
+        const __m256 qs = _mm256_set1_ps(q_scale[r]);
+        for (int c = 0; c < 2; c++)
+            _mm256_storeu_ps(s + r * KEY_BLOCK + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(sums[r][c]),
+                                                                      _mm256_mul_ps(ks[c], qs)));
+    }
+}
+
+/* O[4 rows][16 dims] += P . V: int32 sums over the key pairs, scaled into F32. */
+AVX2_INLINE void avx2_values_4x16(const int16_t *prob, const int16_t *v, int64_t hdp, int64_t span,
+                                  const float *p_scale, const float *v_scale, float *o) {
+    const int32_t *x = (const int32_t *)prob;
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+            a31 = a00;
+    for (int64_t j = 0; j < span / 2; j++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(v + j * hdp * 2));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(v + j * hdp * 2 + 16));
+        __m256i xr;
+#define LVA_PV_ROW(r)                                                      \
+    xr = _mm256_set1_epi32(x[(r) * (KEY_BLOCK / 2) + j]);                  \
+    a##r##0 = _mm256_add_epi32(a##r##0, _mm256_madd_epi16(xr, v0));        \
+    a##r##1 = _mm256_add_epi32(a##r##1, _mm256_madd_epi16(xr, v1));
+        LVA_PV_ROW(0) LVA_PV_ROW(1) LVA_PV_ROW(2) LVA_PV_ROW(3)
+#undef LVA_PV_ROW
+    }
+    const __m256i sums[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    const __m256 vs[2] = {_mm256_loadu_ps(v_scale), _mm256_loadu_ps(v_scale + 8)};
+    for (int r = 0; r < 4; r++) {
+        const __m256 ps = _mm256_set1_ps(p_scale[r]);
+        for (int c = 0; c < 2; c++) {
+            float *out = o + r * hdp + 8 * c;
+            _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][c]), _mm256_mul_ps(vs[c], ps),
+                                                  _mm256_loadu_ps(out)));
         }
     }
 }
 
-/* S[6 rows][16 keys] = Q . K^T over hd dimensions. */
-AVX2_INLINE void avx2_scores_6x16(const float *q, int64_t hdp, int64_t hd, const uint16_t *k, float *s) {
-    __m256 acc[6][2];
-    for (int r = 0; r < 6; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < hd; i++) {
-        const __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i * KEY_BLOCK)));
-        const __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i * KEY_BLOCK + 8)));
-        for (int r = 0; r < 6; r++) {
-            const __m256 a = _mm256_broadcast_ss(q + r * hdp + i);
-            acc[r][0] = _mm256_fmadd_ps(a, k0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(a, k1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < 6; r++) {
-        _mm256_storeu_ps(s + r * KEY_BLOCK, acc[r][0]);
-        _mm256_storeu_ps(s + r * KEY_BLOCK + 8, acc[r][1]);
-    }
-}
-
-/* O[4 rows][8 * VECTORS dims] += P . V over `keys` keys; V rows are hdp apart. */
-AVX2_INLINE void avx2_values_4xn(const float *prob, const uint16_t *v, int64_t hdp, int64_t keys, float *o,
-                                 const int vectors) {
-    __m256 acc[4][3];
-    for (int r = 0; r < 4; r++)
-        for (int n = 0; n < vectors; n++) acc[r][n] = _mm256_loadu_ps(o + r * hdp + 8 * n);
-    for (int64_t j = 0; j < keys; j++) {
-        __m256 w[3];
-        for (int n = 0; n < vectors; n++)
-            w[n] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + j * hdp + 8 * n)));
-        for (int r = 0; r < 4; r++) {
-            const __m256 a = _mm256_broadcast_ss(prob + r * KEY_BLOCK + j);
-            for (int n = 0; n < vectors; n++) acc[r][n] = _mm256_fmadd_ps(a, w[n], acc[r][n]);
-        }
-    }
-    for (int r = 0; r < 4; r++)
-        for (int n = 0; n < vectors; n++) _mm256_storeu_ps(o + r * hdp + 8 * n, acc[r][n]);
-}
-
-AVX2 static void avx2_values(const float *prob, const uint16_t *v, int64_t hdp, int64_t hd, int64_t keys, float *o) {
-    const int64_t vectors = (hd + 7) / 8;
-    for (int64_t n = 0; n < vectors; n += 3) {
-        switch (min64(3, vectors - n)) {
-            case 3: avx2_values_4xn(prob, v + 8 * n, hdp, keys, o + 8 * n, 3); break;
-            case 2: avx2_values_4xn(prob, v + 8 * n, hdp, keys, o + 8 * n, 2); break;
-            default: avx2_values_4xn(prob, v + 8 * n, hdp, keys, o + 8 * n, 1); break;
-        }
-    }
+/* A row of probabilities (>= 0, `span` of them) as int16 of at most I16_P_LARGEST; returns their scale. */
+AVX2 static float avx2_round_probabilities(const float *prob, int64_t span, int16_t *q) {
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t j = 0; j < span; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(prob + j));
+    const float largest = hmax_avx2(m);
+    const __m256 to_int = _mm256_set1_ps(largest > 0.0f ? I16_P_LARGEST / largest : 0.0f);
+    for (int64_t j = 0; j < span; j += 16)
+        avx2_store_int16(_mm256_loadu_ps(prob + j), _mm256_loadu_ps(prob + j + 8), to_int, q + j);
+    return largest / I16_P_LARGEST;
 }
 
 /* Online softmax of one row of scores over `valid` keys (the row is `span` long): P in place of S. */
@@ -377,21 +446,31 @@ AVX2 static void avx2_softmax_row(float *s, int64_t valid, int64_t span, float s
 
 AVX2 static void avx2_attend(const struct problem *p, int64_t h, int64_t first, int64_t count, int64_t keys,
                              void *scratch) {
-    struct blocks b = blocks_in(p, scratch, 4);
-    float *q = b.q;
-    for (int64_t r = 0; r < QUERY_BLOCK; r++)
-        for (int64_t i = 0; i < b.hdp; i++) q[r * b.hdp + i] = r < count && i < p->hd ? q_at(p, first + r, h)[i] : 0;
+    struct blocks b = blocks_in(p, scratch, 2);
+    const int64_t hdp = b.hdp;
+    int16_t *q = b.q, *prob = (int16_t *)b.p;
+    float row[96];
+    for (int64_t r = 0; r < QUERY_BLOCK; r++) {
+        for (int64_t i = 0; i < hdp; i++) row[i] = r < count && i < p->hd ? q_at(p, first + r, h)[i] : 0.0f;
+        b.q_scale[r] = int16_round_reference(row, q + r * hdp, (int)hdp, I16_QK_LARGEST);
+    }
     start_rows(&b);
     for (int64_t block = 0; block * KEY_BLOCK < keys; block++) {
         const int64_t valid = min64(KEY_BLOCK, keys - block * KEY_BLOCK), span = round_up(valid, 16);
-        const uint16_t *k = b.k + block * KEY_BLOCK * b.hdp, *v = b.v + block * KEY_BLOCK * b.hdp;
-        for (int64_t r = 0; r < QUERY_BLOCK; r += 6)
-            for (int64_t j = 0; j < span; j += 16)
-                avx2_scores_6x16(q + r * b.hdp, b.hdp, p->hd, k + j, b.s + r * KEY_BLOCK + j);
-        for (int64_t r = 0; r < QUERY_BLOCK; r++)
-            avx2_softmax_row(b.s + r * KEY_BLOCK, valid, span, p->scale, b.max + r, b.sum + r, b.o + r * b.hdp, b.hdp);
+        const int16_t *k = (const int16_t *)b.k + block * KEY_BLOCK * hdp;
+        const int16_t *v = (const int16_t *)b.v + block * KEY_BLOCK * hdp;
         for (int64_t r = 0; r < QUERY_BLOCK; r += 4)
-            avx2_values(b.s + r * KEY_BLOCK, v, b.hdp, p->hd, span, b.o + r * b.hdp);
+            for (int64_t j = 0; j < span; j += 16)
+                avx2_scores_4x16(q + r * hdp, hdp, k + j * 2, b.q_scale + r, b.k_scale + block * KEY_BLOCK + j,
+                                 b.s + r * KEY_BLOCK + j);
+        for (int64_t r = 0; r < QUERY_BLOCK; r++) {
+            avx2_softmax_row(b.s + r * KEY_BLOCK, valid, span, p->scale, b.max + r, b.sum + r, b.o + r * hdp, hdp);
+            b.p_scale[r] = avx2_round_probabilities(b.s + r * KEY_BLOCK, span, prob + r * KEY_BLOCK);
+        }
+        for (int64_t r = 0; r < QUERY_BLOCK; r += 4)
+            for (int64_t i = 0; i < hdp; i += 16)
+                avx2_values_4x16(prob + r * KEY_BLOCK, v + i * 2, hdp, span, b.p_scale + r, b.v_scale + block * hdp + i,
+                                 b.o + r * hdp + i);
     }
     write_rows(p, &b, h, first, count);
 }
@@ -815,6 +894,213 @@ AVX512 static void cross_avx512(const struct cross *c) {
 
 #endif /* LVA_X86 */
 
+/* ---------------------------------------------------------------------------------------- int16 products
+ *
+ * y = W x for the vision tower's F16 matrices where the CPU multiplies no BF16: AVX2 multiplies 16-bit
+ * integers (vpmaddwd, 16 multiply-adds an instruction) at up to twice its F32 FMA rate. The weights are
+ * rounded to 14-bit integers and the activations to 13-bit ones, each with one F32 scale per 64 values
+ * along k, so 64 products of 8191 x 4095 fit an int32 (2146697280 < 2^31). For all but a block's smallest
+ * values that rounding is about as fine as F16's, which ggml's F16 product applies to the activations.
+ * Each block's int32 sums are scaled into the F32 outputs.
+ *
+ * Packed weights (`lva_int16_pack`, once per matrix; k padded with zeros to a multiple of 64, n to one of
+ * 16): for each group of 8 outputs the pairs (w[k], w[k+1]) of the 8 side by side, [n/8][k/2][8][2] int16,
+ * then the scales, [n/8][k/64][8] F32. Work split: threads take blocks of tokens in turn, round them into
+ * their own scratch ([token][k] int16, [token][k/64] scales) and compute all their outputs, in tiles of
+ * 4 tokens x 16 outputs. The paths compute the same integers and the same F32 operations in the same order.
+ */
+
+enum { I16_BLOCK = 64, I16_ROWS = 4, I16_COLUMNS = 16, I16_TOKEN_BLOCK = 96, I16_OUTPUT_BLOCK = 256 };
+static const float I16_WEIGHT_LARGEST = 8191.0f, I16_INPUT_LARGEST = 4095.0f;
+
+struct lva_int16_params {
+    int32_t path;
+};
+
+struct int16_product {
+    int64_t k, n, tokens;                      /* as given */
+    int64_t k_pad, n_pad;                      /* as packed */
+    const int16_t *w;                          /* packed values */
+    const float *w_scales;                     /* and their scales */
+    const char *x;                             /* tokens of k F32 values, x_row bytes apart */
+    char *y;                                   /* tokens of n F32 values, y_row bytes apart */
+    size_t x_row, y_row;
+};
+
+typedef float int16_tile_t[I16_ROWS][I16_COLUMNS];
+
+/* int16 elements of a packed k x n matrix: its values, then its scales (two int16 each) */
+int64_t lva_int16_packed_elements(int64_t k, int64_t n) {
+    const int64_t k_pad = round_up(k, I16_BLOCK), n_pad = round_up(n, I16_COLUMNS);
+    return k_pad * n_pad + 2 * n_pad * (k_pad / I16_BLOCK);
+}
+
+/* Block b of a row of k values, zero-padded past k into `padded` when it runs past the end. */
+static const float *int16_block_of(const float *row, int64_t k, int64_t b, float padded[I16_BLOCK]) {
+    if ((b + 1) * I16_BLOCK <= k) return row + b * I16_BLOCK;
+    for (int64_t i = 0; i < I16_BLOCK; i++) padded[i] = b * I16_BLOCK + i < k ? row[b * I16_BLOCK + i] : 0.0f;
+    return padded;
+}
+
+#ifdef LVA_X86
+/* A whole block of 64 F16 weights rounded as int16_round_reference rounds them, eight at a time. */
+AVX2 static float int16_weight_block_avx2(const uint16_t *w, int16_t q[I16_BLOCK]) {
+    __m256 values[I16_BLOCK / 8], m = _mm256_setzero_ps();
+    for (int i = 0; i < I16_BLOCK / 8; i++) {
+        values[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * i)));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), values[i]));
+    }
+    const float largest = hmax_avx2(m);
+    const __m256 to_int = _mm256_set1_ps(largest > 0.0f ? I16_WEIGHT_LARGEST / largest : 0.0f);
+    for (int i = 0; i < I16_BLOCK / 8; i += 2) avx2_store_int16(values[i], values[i + 1], to_int, q + 8 * i);
+    return largest / I16_WEIGHT_LARGEST;
+}
+#endif
+
+/* Packs w, F16 [k, n] in ggml order (n rows of k, row_bytes apart), into `packed`. */
+void lva_int16_pack(const uint16_t *w, int64_t k, int64_t n, size_t row_bytes, int16_t *packed) {
+    const int64_t k_pad = round_up(k, I16_BLOCK), n_pad = round_up(n, I16_COLUMNS), blocks = k_pad / I16_BLOCK;
+    float *scales = (float *)(packed + k_pad * n_pad), values[I16_BLOCK];
+    int16_t q[I16_BLOCK];
+    int avx2 = 0;
+#ifdef LVA_X86
+    avx2 = (lva_attention_paths() >> PATH_AVX2) & 1;
+#endif
+    for (int64_t o = 0; o < n_pad; o++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint16_t *row = (const uint16_t *)((const char *)w + o * row_bytes);
+            float *scale = scales + ((o / 8) * blocks + b) * 8 + o % 8;
+            if (avx2 && o < n && (b + 1) * I16_BLOCK <= k) {
+#ifdef LVA_X86
+                *scale = int16_weight_block_avx2(row + b * I16_BLOCK, q);
+#endif
+            } else {
+                for (int64_t i = 0; i < I16_BLOCK; i++)
+                    values[i] = o < n && b * I16_BLOCK + i < k ? f32_of_f16(row[b * I16_BLOCK + i]) : 0.0f;
+                *scale = int16_round_reference(values, q, I16_BLOCK, I16_WEIGHT_LARGEST);
+            }
+            for (int i = 0; i < I16_BLOCK; i++)
+                packed[(((o / 8) * (k_pad / 2) + (b * I16_BLOCK + i) / 2) * 8 + o % 8) * 2 + (i & 1)] = q[i];
+        }
+}
+
+static void int16_tokens_reference(const struct int16_product *p, int64_t first, int64_t count, int16_t *q,
+                                   float *scales) {
+    const int64_t blocks = p->k_pad / I16_BLOCK;
+    float padded[I16_BLOCK];
+    for (int64_t t = 0; t < count; t++)
+        for (int64_t b = 0; b < blocks; b++)
+            scales[t * blocks + b] = int16_round_reference(
+                int16_block_of((const float *)(p->x + (first + t) * p->x_row), p->k, b, padded),
+                q + t * p->k_pad + b * I16_BLOCK, I16_BLOCK, I16_INPUT_LARGEST);
+}
+
+static void int16_tile_reference(const struct int16_product *p, const int16_t *q, const float *q_scales,
+                                 int64_t n0, int16_tile_t out) {
+    const int64_t k = p->k_pad, blocks = k / I16_BLOCK;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int r = 0; r < I16_ROWS; r++)
+            for (int c = 0; c < I16_COLUMNS; c++) {
+                const int64_t o = n0 + c;
+                int32_t sum = 0;
+                for (int64_t i = b * I16_BLOCK; i < (b + 1) * I16_BLOCK; i++)
+                    sum += (int32_t)q[r * k + i] * p->w[(((o / 8) * (k / 2) + i / 2) * 8 + o % 8) * 2 + (i & 1)];
+                const float scale = p->w_scales[((o / 8) * blocks + b) * 8 + o % 8] * q_scales[r * blocks + b];
+                out[r][c] = fmaf((float)sum, scale, out[r][c]);
+            }
+}
+
+#ifdef LVA_X86
+
+AVX2 static void int16_tokens_avx2(const struct int16_product *p, int64_t first, int64_t count, int16_t *q,
+                                   float *scales) {
+    const int64_t blocks = p->k_pad / I16_BLOCK;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    float padded[I16_BLOCK];
+    for (int64_t t = 0; t < count; t++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *v = int16_block_of((const float *)(p->x + (first + t) * p->x_row), p->k, b, padded);
+            __m256 m = _mm256_setzero_ps();
+            for (int i = 0; i < I16_BLOCK; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+            const float largest = hmax_avx2(m);
+            const __m256 to_int = _mm256_set1_ps(largest > 0.0f ? I16_INPUT_LARGEST / largest : 0.0f);
+            scales[t * blocks + b] = largest / I16_INPUT_LARGEST;
+            for (int i = 0; i < I16_BLOCK; i += 16)
+                avx2_store_int16(_mm256_loadu_ps(v + i), _mm256_loadu_ps(v + i + 8), to_int,
+                                 q + t * p->k_pad + b * I16_BLOCK + i);
+        }
+}
+
+/* 4 tokens x 16 outputs: each block's int32 sums in 8 registers, then scaled into `out` (in L1). */
+AVX2 static void int16_tile_avx2(const struct int16_product *p, const int16_t *q, const float *q_scales,
+                                 int64_t n0, int16_tile_t out) {
+    const int64_t k = p->k_pad, blocks = k / I16_BLOCK, pairs = k / 2;
+    const int16_t *w0 = p->w + (n0 / 8) * pairs * 16, *w1 = w0 + pairs * 16;
+    const float *s0 = p->w_scales + (n0 / 8) * blocks * 8, *s1 = s0 + blocks * 8;
+    const int32_t *x = (const int32_t *)q;
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
+                a31 = a00;
+        for (int64_t i = b * I16_BLOCK / 2; i < (b + 1) * I16_BLOCK / 2; i++) {
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + i * 16));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + i * 16));
+            __m256i xr;
+#define LVA_I16_ROW(r)                                                   \
+    xr = _mm256_set1_epi32(x[(r) * pairs + i]);                          \
+    a##r##0 = _mm256_add_epi32(a##r##0, _mm256_madd_epi16(xr, v0));      \
+    a##r##1 = _mm256_add_epi32(a##r##1, _mm256_madd_epi16(xr, v1));
+            LVA_I16_ROW(0) LVA_I16_ROW(1) LVA_I16_ROW(2) LVA_I16_ROW(3)
+#undef LVA_I16_ROW
+        }
+        const __m256i sums[I16_ROWS][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+        const __m256 w_scale[2] = {_mm256_loadu_ps(s0 + b * 8), _mm256_loadu_ps(s1 + b * 8)};
+        for (int r = 0; r < I16_ROWS; r++) {
+            const __m256 x_scale = _mm256_set1_ps(q_scales[r * blocks + b]);
+            for (int c = 0; c < 2; c++)
+                _mm256_storeu_ps(out[r] + 8 * c, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][c]),
+                                                                 _mm256_mul_ps(w_scale[c], x_scale),
+                                                                 _mm256_loadu_ps(out[r] + 8 * c)));
+        }
+    }
+}
+
+#endif /* LVA_X86 */
+
+static void int16_run(const struct int16_product *p, int path, int ith, int nth) {
+    void (*round_tokens)(const struct int16_product *, int64_t, int64_t, int16_t *, float *) = int16_tokens_reference;
+    void (*tile)(const struct int16_product *, const int16_t *, const float *, int64_t, int16_tile_t) =
+        int16_tile_reference;
+#ifdef LVA_X86
+    if (path == PATH_AVX2 || path == PATH_AVX512BF16) round_tokens = int16_tokens_avx2, tile = int16_tile_avx2;
+#else
+    (void)path;
+#endif
+    const int64_t k = p->k_pad, blocks = k / I16_BLOCK;
+    int16_t *q = NULL;
+    float *q_scales = NULL;
+    for (int64_t first = ith * I16_TOKEN_BLOCK; first < p->tokens; first += (int64_t)nth * I16_TOKEN_BLOCK) {
+        if (!q) {
+            q = scratch_alloc((size_t)(I16_TOKEN_BLOCK * k) * sizeof(int16_t));
+            q_scales = scratch_alloc((size_t)(I16_TOKEN_BLOCK * blocks) * sizeof(float));
+        }
+        const int64_t count = min64(I16_TOKEN_BLOCK, p->tokens - first), rows = round_up(count, I16_ROWS);
+        round_tokens(p, first, count, q, q_scales);
+        memset(q + count * k, 0, (size_t)((rows - count) * k) * sizeof(int16_t));        /* a last partial tile */
+        memset(q_scales + count * blocks, 0, (size_t)((rows - count) * blocks) * sizeof(float));
+        for (int64_t outputs = 0; outputs < p->n_pad; outputs += I16_OUTPUT_BLOCK)
+            for (int64_t t = 0; t < count; t += I16_ROWS)
+                for (int64_t n0 = outputs; n0 < min64(outputs + I16_OUTPUT_BLOCK, p->n_pad); n0 += I16_COLUMNS) {
+                    int16_tile_t out = {{0}};
+                    tile(p, q + t * k, q_scales + t * blocks, n0, out);
+                    for (int64_t r = 0; r < min64(I16_ROWS, count - t); r++)
+                        memcpy((float *)(p->y + (first + t + r) * p->y_row) + n0, out[r],
+                               (size_t)min64(I16_COLUMNS, p->n - n0) * sizeof(float));
+                }
+    }
+    free(q);
+    free(q_scales);
+}
+
 /* ---------------------------------------------------------------------------------------- entry points */
 
 /* Bit `path` is set for each path this CPU can run (the OS saving the wider registers included). */
@@ -894,3 +1180,18 @@ void lva_cross_attention(struct ggml_tensor *dst, int ith, int nth, void *userda
 }
 
 int lva_cross_attention_max_queries(void) { return CROSS_MAX_QUERIES; }
+
+/* dst [n, tokens] = W x: src[0] the packed W (int16, lva_int16_pack: n rows of at least
+ * lva_int16_packed_elements(k, n) / n), src[1] x [k, tokens] F32 with contiguous rows; dst F32. The userdata
+ * is a `struct lva_int16_params`. */
+void lva_int16_product(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
+    const struct lva_int16_params *params = userdata;
+    const struct ggml_tensor *w = dst->src[0], *x = dst->src[1];
+    const int64_t k = x->ne[0], n = dst->ne[0], k_pad = round_up(k, I16_BLOCK), n_pad = round_up(n, I16_COLUMNS);
+    const struct int16_product p = {
+        .k = k, .n = n, .tokens = x->ne[1], .k_pad = k_pad, .n_pad = n_pad,
+        .w = w->data, .w_scales = (const float *)((const int16_t *)w->data + k_pad * n_pad),
+        .x = x->data, .y = dst->data, .x_row = x->nb[1], .y_row = dst->nb[1],
+    };
+    int16_run(&p, params->path, ith, nth);
+}

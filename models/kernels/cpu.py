@@ -2,10 +2,11 @@
 
 ggml 0.3.36's CPU flash attention multiplies in F32 and has no BF16 path, so the vision encoder's attention,
 most of an image's encode time, runs through our fused kernel on the CPU backend (never on another
-device); its GELU, a scalar loop in ggml, through our vectorised one; and a decoded token's
-cross-attention over an image's K/V through one pass over them instead of ggml's four ops. The library is
-built from source on install (setup.py). Where it is missing, or `LVA_ATTENTION=ggml`, lva keeps ggml's
-own ops. `LVA_ATTENTION=reference|avx2|avx512bf16` forces a path of all three, for benchmarks and tests.
+device); its GELU, a scalar loop in ggml, through our vectorised one; on CPUs without BF16 arithmetic its
+F16 matrix products through our int16 ones; and a decoded token's cross-attention over an image's K/V
+through one pass over them instead of ggml's four ops. The library is built from source on install
+(setup.py). Where it is missing, or `LVA_ATTENTION=ggml`, lva keeps ggml's own ops.
+`LVA_ATTENTION=reference|avx2|avx512bf16` forces a path of all of them, for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import functools
 import importlib.util
 import logging
 import os
-from ctypes import c_float, c_int32, c_size_t
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from ctypes import c_float, c_int32, c_int64, c_size_t, c_void_p
 
 from models import ggml
+from gguf import GGMLQuantizationType
+
 from models.ggml import F16, F32, Graph, Tensor
 
 LIBRARY = "models.kernels._cpu"        # cpu.c, built by setup.py
@@ -35,6 +40,12 @@ class Params(ctypes.Structure):
     """`struct lva_attention_params` of cpu.c."""
 
     _fields_ = [("heads", c_int32), ("real", c_int32), ("scale", c_float), ("path", c_int32)]
+
+
+class Int16Params(ctypes.Structure):
+    """`struct lva_int16_params` of cpu.c."""
+
+    _fields_ = [("path", c_int32)]
 
 
 class CrossParams(ctypes.Structure):
@@ -59,6 +70,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     expected = [struct.ne.offset, struct.nb.offset, struct.src.offset, struct.data.offset, ctypes.sizeof(struct)]
     if list(offsets) != expected:
         return None, "its copy of struct ggml_tensor does not match this ggml"
+    library.lva_int16_pack.argtypes = [c_void_p, c_int64, c_int64, c_size_t, c_void_p]
+    library.lva_int16_pack.restype = None
+    library.lva_int16_packed_elements.argtypes = [c_int64, c_int64]
+    library.lva_int16_packed_elements.restype = c_int64
     return library, ""
 
 
@@ -107,6 +122,11 @@ def chosen_path(environment: dict[str, str] | os._Environ = os.environ) -> str |
     return next((path for path in FASTEST_FIRST if path in runnable_paths()), None)
 
 
+def path_is_forced(environment: dict[str, str] | os._Environ = os.environ) -> bool:
+    """Whether `LVA_ATTENTION` names the path, rather than the CPU choosing it."""
+    return bool(environment.get(ENVIRONMENT, "").strip())
+
+
 def fused_attention(g: Graph, q: Tensor, k: Tensor, v: Tensor, heads: int, real: int, scale: float,
                     path: str) -> Tensor:
     """softmax(scale q kᵀ) v per head, [d, n_q] F32, for q [d, n_q] and k, v [d, n_kv] (F32, contiguous rows).
@@ -152,6 +172,60 @@ def cross_attention(g: Graph, q: Tensor, key: Tensor, value_t: Tensor, scale: fl
         raise ValueError("cross-attention kernel: contiguous queries and K/V rows")
     return g.custom(F32, ggml.shape(q)[:3], (q, key, value_t), _function("lva_cross_attention"),
                     CrossParams(scale, PATHS[path]))
+
+
+# ------------------------------------------------------------------------------------------- int16 products
+
+I16 = GGMLQuantizationType.I16
+
+
+def int16_fits(matrix: Tensor) -> bool:
+    """Whether `int16_packed` takes this matrix: a 2-D F16 one, with the library built."""
+    library, _ = _library()
+    return (library is not None and ggml.struct(matrix).type == int(F16) and ggml.shape(matrix)[2:] == (1, 1)
+            and ggml.struct(matrix).nb[0] == 2)
+
+
+def int16_packed(backend: ggml.Backend, matrices: Sequence[Tensor]) -> tuple[Graph, int, list[Tensor]]:
+    """Copies of F16 matrices (`int16_fits`, in host memory: the CPU backend) in the layout `int16_product`
+    multiplies: 14-bit integers and one scale per 64 values, packed by the library on every core.
+
+    Returns the copies' context and buffer (the caller frees both) and the copies, in order."""
+    library, why = _library()
+    if library is None:
+        raise KernelError(f"lva's CPU kernels are not available: {why}")
+    if not all(int16_fits(m) for m in matrices):
+        raise ValueError("int16 products take 2-D F16 matrices")
+    held = Graph(len(matrices) + 1)
+    packed = [held.new(I16, _packed_width(*ggml.shape(m)[:2]), ggml.shape(m)[1], name=ggml.name_of(m).decode())
+              for m in matrices]
+    buffer = backend.alloc(held)
+
+    def pack(matrix: Tensor, copy: Tensor) -> None:
+        k, n = ggml.shape(matrix)[:2]
+        library.lva_int16_pack(ggml.struct(matrix).data, k, n, ggml.struct(matrix).nb[1], ggml.struct(copy).data)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:       # ctypes lets go of the GIL
+        list(pool.map(pack, matrices, packed))
+    return held, buffer, packed
+
+
+def int16_product(g: Graph, packed: Tensor, x: Tensor, path: str) -> Tensor:
+    """W x, [n, tokens] F32, for a matrix packed by `int16_packed` and x [k, tokens] F32 with contiguous rows:
+    x rounded to 13-bit integers per 64 values, int32 sums scaled into F32. As close to the exact product
+    as ggml's F16 product (tests/test_int16_product_kernel.py). CPU backend only."""
+    k, tokens = ggml.shape(x)[:2]
+    n = ggml.shape(packed)[1]
+    if ggml.struct(packed).type != int(I16) or ggml.shape(packed)[0] != _packed_width(k, n):
+        raise ValueError(f"int16 product: the packed matrix does not take {k} inputs")
+    if ggml.struct(x).type != int(F32) or ggml.struct(x).nb[0] != 4 or ggml.shape(x)[2:] != (1, 1):
+        raise ValueError("int16 product: x is F32 [k, tokens] with contiguous rows")
+    return g.custom(F32, (n, tokens), (packed, x), _function("lva_int16_product"), Int16Params(PATHS[path]))
+
+
+def _packed_width(k: int, n: int) -> int:
+    """int16 elements per output of a packed matrix (rounded up): its values and F32 scales, k and n padded."""
+    library, _ = _library()
+    return -(-library.lva_int16_packed_elements(k, n) // n)
 
 
 def _function(name: str) -> int:

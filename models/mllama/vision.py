@@ -42,8 +42,8 @@ class VisionTower:
     projector: Projector
     gates: dict[str, float]          # pre_tile, position, post_tile, global.{i}.attn, global.{i}.ffn
     attention: str                   # how `attend` runs: see `attention_for`
-    bf16_products: bool = False      # F16 matrices to be multiplied as BF16 copies: see `products_in_bf16`
-    copies: tuple[Graph, int] | None = None   # the BF16 copies once made: their context and buffer
+    products: str = "ggml"           # how F16 matrices are multiplied: see `products_for`
+    copies: tuple[Graph, int] | None = None   # their BF16 or int16 copies once made: context and buffer
 
     @classmethod
     def load(cls, tensors, hp: VisionHParams, on_cpu: bool) -> VisionTower:
@@ -59,22 +59,16 @@ class VisionTower:
             gates[f"global.{i}.ffn"] = tanh(prefix + "ffn_gate")
         layers = [tensors.fill(VisionLayer, vision_layer_prefixes(i)[0]) for i in range(hp.num_hidden_layers)]
         weights_type = ggml.struct(layers[0].attn_q).type
-        return cls(embeddings, layers, global_layers, tensors.fill(Projector), gates,
-                   attention_for(weights_type, hp, on_cpu), products_in_bf16(weights_type, on_cpu))
+        attention = attention_for(weights_type, hp, on_cpu)
+        return cls(embeddings, layers, global_layers, tensors.fill(Projector), gates, attention,
+                   products_for(weights_type, attention, on_cpu))
 
-    def use_bf16_copies(self, backend: ggml.Backend, scratch: ggml.Scratch) -> None:
-        """Swap the F16 matrices for BF16 copies made by ggml (once; `encode` calls this first). Matrices of
-        other types (a quantized tower's, or rows that fell back to another type) stay as they are."""
+    def make_copies(self, backend: ggml.Backend, scratch: ggml.Scratch) -> None:
+        """Swap the F16 matrices for the copies `products` multiplies (once; `encode` calls this first):
+        BF16 copies made by ggml, or int16 ones packed by our kernel. Matrices of other types (a quantized
+        tower's, or rows that fell back to another type) stay as they are."""
         blocks = [*self.layers, *self.global_layers, self.projector]
-        fields = [[w.field for w in names(type(block)) if w.kind is Kind.MATRIX
-                   and ggml.struct(getattr(block, w.field)).type == int(F16)] for block in blocks]
-        originals = [getattr(block, field) for block, block_fields in zip(blocks, fields) for field in block_fields]
-        graph, buffer, copies = ggml.converted(backend, scratch, originals, BF16)
-        copy_of = dict(zip(originals, copies))
-        for block, block_fields in zip(blocks, fields):
-            for field in block_fields:
-                setattr(block, field, copy_of[getattr(block, field)])
-        self.copies, self.bf16_products = (graph, buffer), False
+        self.copies = swap_for_copies(blocks, self.products, backend, scratch)
 
     def close(self) -> None:
         if self.copies:
@@ -83,12 +77,45 @@ class VisionTower:
             self.copies = None
 
 
-def products_in_bf16(weights_type: int, on_cpu: bool) -> bool:
-    """F16 matrices are multiplied as BF16 where ggml's CPU backend computes BF16 natively (AVX512_BF16):
-    its BF16 products run at about twice its F16 rate. The copy is exact for weights that came from a
-    BF16 checkpoint, as Llama 3.2 Vision's do (F16 holds every BF16 value of its range); others round to
-    BF16. The activations are rounded to BF16 too, as in any BF16 product (and in HF's bf16 tower)."""
-    return weights_type == int(F16) and on_cpu and ggml.cpu_features().get("AVX512_BF16") == "1"
+def swap_for_copies(blocks: list, products: str, backend: ggml.Backend,
+                    scratch: ggml.Scratch | None) -> tuple[Graph, int]:
+    """Replace the F16 matrices of `blocks` by their BF16 copies (made by ggml: `scratch` runs the copy) or
+    int16 ones; returns the copies' context and buffer."""
+    taken = (lambda m: ggml.struct(m).type == int(F16)) if products == "bf16" else kernels.int16_fits
+    fields = [[w.field for w in names(type(block)) if w.kind is Kind.MATRIX and taken(getattr(block, w.field))]
+              for block in blocks]
+    originals = [getattr(block, field) for block, block_fields in zip(blocks, fields) for field in block_fields]
+    if products == "bf16":
+        graph, buffer, copies = ggml.converted(backend, scratch, originals, BF16)
+    else:
+        graph, buffer, copies = kernels.int16_packed(backend, originals)
+    copy_of = dict(zip(originals, copies))
+    for block, block_fields in zip(blocks, fields):
+        for field in block_fields:
+            setattr(block, field, copy_of[getattr(block, field)])
+    return graph, buffer
+
+
+def products_for(weights_type: int, attention: str, on_cpu: bool) -> str:
+    """How an F16 tower's matrices are multiplied on the CPU; "ggml" (ggml's own product of the weights as
+    they are) elsewhere and for other types.
+
+    - "int16" beside our kernel's AVX2 path (or its reference, in tests) where ggml has no AVX-512: weights
+      and activations rounded to 14- and 13-bit integers with a scale per 64 values, as close to the exact
+      product as ggml's F16 one (which rounds the activations to F16) and faster on AVX2, whose integer
+      multiply-adds outrun its F32 FMAs (`kernels.int16_product`). `LVA_ATTENTION=avx2|reference` chooses
+      it on any CPU.
+    - "bf16" where ggml's CPU backend computes BF16 natively (AVX512_BF16): its BF16 products run at about
+      twice its F16 rate. The copy is exact for weights that came from a BF16 checkpoint, as Llama 3.2
+      Vision's do (F16 holds every BF16 value of its range); others round to BF16. The activations are
+      rounded to BF16 too, as in any BF16 product (and in HF's bf16 tower).
+    """
+    if weights_type != int(F16) or not on_cpu:
+        return "ggml"
+    features = ggml.cpu_features()
+    if attention in ("avx2", "reference") and (kernels.path_is_forced() or features.get("AVX512") != "1"):
+        return "int16"
+    return "bf16" if features.get("AVX512_BF16") == "1" else "ggml"
 
 
 def attention_for(weights_type: int, hp: VisionHParams, on_cpu: bool) -> str:
@@ -157,8 +184,8 @@ def embed(g: Graph, w: VisionEmbeddings, gates: dict[str, float], hp: VisionHPar
 
 def self_attention(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: int, attention: str) -> Tensor:
     """Attention over tokens in encoder order: the first `real` see every token, the rest only those."""
-    q, k, v = (g.mul_mat(weight, x) for weight in (w.attn_q, w.attn_k, w.attn_v))     # [d, L] each
-    return g.mul_mat(w.attn_output, attend(g, q, k, v, hp.attention_heads, real, attention))
+    q, k, v = (product(g, weight, x, attention) for weight in (w.attn_q, w.attn_k, w.attn_v))  # [d, L] each
+    return product(g, w.attn_output, attend(g, q, k, v, hp.attention_heads, real, attention), attention)
 
 
 def attend(g: Graph, q: Tensor, k: Tensor, v: Tensor, heads: int, real: int, attention: str) -> Tensor:
@@ -203,7 +230,16 @@ def encoder_layer(g: Graph, x: Tensor, w: VisionLayer, hp: VisionHParams, real: 
 
 
 def mlp(g: Graph, x: Tensor, w: VisionLayer, attention: str) -> Tensor:
-    return g.linear(biased_gelu(g, g.mul_mat(w.ffn_up, x), w.ffn_up_bias, attention), w.ffn_down, w.ffn_down_bias)
+    h = biased_gelu(g, product(g, w.ffn_up, x, attention), w.ffn_up_bias, attention)
+    return g.add(product(g, w.ffn_down, h, attention), w.ffn_down_bias)
+
+
+def product(g: Graph, weight: Tensor, x: Tensor, attention: str) -> Tensor:
+    """weight · x: ggml's product, or our int16 one for a matrix that `make_copies` packed for it (its path
+    is the attention's)."""
+    if ggml.struct(weight).type == int(kernels.I16):
+        return kernels.int16_product(g, weight, x, attention)
+    return g.mul_mat(weight, x)
 
 
 def biased_gelu(g: Graph, x: Tensor, bias: Tensor, attention: str) -> Tensor:
@@ -325,8 +361,8 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
            cross_layers: dict[int, CrossAttentionLayer], hp: MllamaHParams, image: Image, kv_type,
            progress: Progress | None = None, cancelled: Callable[[], bool] | None = None) -> ImageKV:
     """Run the tower on one preprocessed image and keep K/V for each cross layer."""
-    if tower.bf16_products:                       # the first encode makes the BF16 copies (about a second)
-        tower.use_bf16_copies(backend, scratch)
+    if tower.products != "ggml" and tower.copies is None:   # the first encode makes the copies (a second or two)
+        tower.make_copies(backend, scratch)
     v, attention = hp.vision, tower.attention
     length, real = padded_patches(v) * v.max_num_tiles, image.num_tiles * v.num_patches
     saved_at = {layer: k for k, layer in enumerate(v.intermediate_layers_indices)}
@@ -357,8 +393,8 @@ def encode(backend: ggml.Backend, scratch: ggml.Scratch, tower: VisionTower,
         stages.append(global_)
 
     def project(g: Graph, x: StageInputs) -> Tensor:
-        projected = g.linear(features(g, hidden, saved, v, real), tower.projector.weight,
-                             tower.projector.bias)
+        projected = g.add(product(g, tower.projector.weight, features(g, hidden, saved, v, real), attention),
+                          tower.projector.bias)
         for index, layer in cross_layers.items():
             key, value_t = cross_attention.image_key_value(g, projected, layer, hp.text)
             g.expand(g.cpy(key, kv.keys[index]))
