@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from assistant import load_model  # noqa: E402
 from convert.pipeline import convert, output_paths  # noqa: E402
 from models import ggml  # noqa: E402
+from models.kernels import cpu as kernels  # noqa: E402
 from tests.synthetic_checkpoint import write_checkpoint  # noqa: E402
 
 from report import cpu_flags, emulation_note, machine, write_section  # noqa: E402
@@ -146,7 +147,7 @@ def measure_lva(text: Path, threads: int, images: list[Path], tower_image: Path)
     model.encode_image(tower_image)
     tower = time.perf_counter() - started
     result = {"load": load, "answers": answers, "tower_only": tower, "attention": model.vision.tower.attention,
-              "bf16_products": model.vision.tower.copies is not None, "tokens": len(ids)}
+              "products": model.vision.tower.products, "tokens": len(ids)}
     model.close()
     return result
 
@@ -172,13 +173,17 @@ def lva_first_answer(model, ids: list[int], image: Path) -> dict[str, float]:
 
 
 def product_rates(threads: int) -> dict[str, float]:
-    """GFLOP/s of ggml's products at the encoder's widest shape, the bound's yardstick (vision_layer_bench)."""
+    """GFLOP/s of the products at the encoder's widest shape, the bound's yardstick (vision_layer_bench): ggml's,
+    and our int16 one where the CPU runs it."""
     import vision_layer_bench as layer
     from gguf import GGMLQuantizationType as Q
 
     backend = ggml.Backend(threads)
     rng = np.random.default_rng(0)
-    return {name: layer.product_rate(backend, Q[name], 2, rng) for name in ("BF16", "F16", "F32")}
+    rates = {name: layer.product_rate(backend, Q[name], 2, rng) for name in ("BF16", "F16", "F32")}
+    if "avx2" in kernels.runnable_paths():
+        rates["int16 (lva)"] = layer.product_rate(backend, Q.F16, 2, rng, int16=True)
+    return rates
 
 
 # ------------------------------------------------------------------------------------------ HF
@@ -212,9 +217,10 @@ def render(ours: dict, hf: dict, rates: dict[str, float], threads: int, depth) -
     hf_first, hf_second = hf["answers"]
     lva_encode = second["preprocessing"] + second["vision encoder"] + second["projection + cross-layer K/V"]
     hf_encode = hf_second["vision tower"] + hf_second["projector"]
-    attention = {"avx512bf16": "our fused kernel, BF16 path", "avx2": "our fused kernel, AVX2/F16 path",
+    attention = {"avx512bf16": "our fused kernel, BF16 path", "avx2": "our fused kernel, AVX2 16-bit integer path",
                  "flash": "ggml's flash attention", "softmax": "exact F32 softmax"}[ours["attention"]]
-    products = "BF16 (copies of the F16 weights)" if ours["bf16_products"] else "F16"
+    products = {"bf16": "BF16 (copies of the F16 weights)", "int16": "int16 (packed copies of the F16 weights, "
+                "our kernel)"}.get(ours["products"], "F16")
     lines = [
         *emulation_note(),
         f"Measured {datetime.date.today().isoformat()} by `python bench/first_answer_bench.py --write-docs` on "
@@ -242,7 +248,8 @@ def render(ours: dict, hf: dict, rates: dict[str, float], threads: int, depth) -
     lines += [
         "",
         f"The first answer's extra {paging:.1f} s over the second (lva) is paging the weights in from the "
-        f"memory-mapped files and, where products run in BF16, making the BF16 copies of the tower's matrices once.",
+        f"memory-mapped files and, where products run in BF16 or int16, making those copies of the tower's "
+        f"matrices once.",
         "",
         "| image encode (tower + projector) | lva s | HF s | lva / HF | target |",
         "|---|--:|--:|--:|---|",
@@ -263,7 +270,7 @@ def render(ours: dict, hf: dict, rates: dict[str, float], threads: int, depth) -
     lines += [
         "",
         f"The CPU's bound: a 4-tile encode is {flop / 1e12:.1f} TFLOP of matrix products and attention; at "
-        f"ggml's fastest product rate measured in this run ({best_name}, {rates[best_name]:.0f} GFLOP/s on the "
+        f"the fastest product rate measured in this run ({best_name}, {rates[best_name]:.0f} GFLOP/s on the "
         f"1280 → 5120 product; {', '.join(f'{k} {v:.0f}' for k, v in rates.items())}) that takes {bound:.1f} s. "
         f"lva's 4-tile encode reaches {100 * bound / lva_encode:.0f} % of that bound "
         f"({flop / lva_encode / 1e9:.0f} GFLOP/s on average, norms and activations included).",

@@ -4,7 +4,8 @@ The 4-tile encode runs 40 such layers (32 local + 8 global) over 6432 tokens, so
 most of the encode time. In one run, on one machine:
 
 - the layer per weight type and attention (our fused kernel's fastest path here, ggml's flash attention),
-  split into the layer without attention and the rest;
+  split into the layer without attention and the rest; and F16 as the runtime multiplies it where that is
+  our int16 product (beside our AVX2 path);
 - the parts of the layer the runtime uses by default (its fastest weight type here, our kernel): matrix
   products, attention, layer norms, GELU, residual adds, each timed alone; and the layer with each GELU;
 - the matrix product rate: ggml's per weight type, and torch's in fp32, bf16 and 8-bit integers (a child
@@ -23,6 +24,7 @@ most of the encode time. In one run, on one machine:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -109,15 +111,16 @@ def time_layer(backend: ggml.Backend, layer: VisionLayer, attention: str, runs: 
                gelu=vision.biased_gelu) -> float:
     """Best seconds of one layer as the runtime builds it, or with its attention left out (and another GELU)."""
     x = hidden_states(np.random.default_rng(1))
+    product = lambda g, w, x: vision.product(g, w, x, attention)  # noqa: E731  (int16 beside our kernel)
 
     def build(g: Graph) -> dict:
         x_in = g.input(F32, HP.hidden_size, TOKENS, name="x")
         if without_attention:
             h = g.layer_norm(x_in, layer.attn_norm, layer.attn_norm_bias, HP.norm_eps)
-            q, k, v = (g.mul_mat(w, h) for w in (layer.attn_q, layer.attn_k, layer.attn_v))
-            h = g.add(x_in, g.mul_mat(layer.attn_output, g.add(g.add(q, k), v)))
-            up = g.mul_mat(layer.ffn_up, g.layer_norm(h, layer.ffn_norm, layer.ffn_norm_bias, HP.norm_eps))
-            mlp = g.linear(gelu(g, up, layer.ffn_up_bias, attention), layer.ffn_down, layer.ffn_down_bias)
+            q, k, v = (product(g, w, h) for w in (layer.attn_q, layer.attn_k, layer.attn_v))
+            h = g.add(x_in, product(g, layer.attn_output, g.add(g.add(q, k), v)))
+            up = product(g, layer.ffn_up, g.layer_norm(h, layer.ffn_norm, layer.ffn_norm_bias, HP.norm_eps))
+            mlp = g.add(product(g, layer.ffn_down, gelu(g, up, layer.ffn_up_bias, attention)), layer.ffn_down_bias)
             g.expand(g.add(h, mlp))
         else:
             g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, attention))
@@ -125,19 +128,22 @@ def time_layer(backend: ggml.Backend, layer: VisionLayer, attention: str, runs: 
     return time_graph(backend, build, runs)
 
 
-def product_rate(backend: ggml.Backend, qtype: Q, runs: int, rng: np.random.Generator) -> float:
-    """GFLOP/s of the layer's widest product (ffn_up: 1280 -> 5120) over the 6432 tokens."""
+def product_rate(backend: ggml.Backend, qtype: Q, runs: int, rng: np.random.Generator, int16: bool = False) -> float:
+    """GFLOP/s of the layer's widest product (ffn_up: 1280 -> 5120) over the 6432 tokens: ggml's, or (F16
+    weights) our int16 product's."""
     d, ffn = HP.hidden_size, HP.intermediate_size
     layer, weights, buffer = random_layer(backend, qtype, rng)
+    copies = vision.swap_for_copies([layer], "int16", backend, None) if int16 else None
     x = hidden_states(rng)
 
     def build(g: Graph) -> dict:
         x_in = g.input(F32, d, TOKENS, name="x")
-        g.expand(g.mul_mat(layer.ffn_up, x_in))
+        g.expand(vision.product(g, layer.ffn_up, x_in, "avx2"))
         return {x_in: x}
     seconds = time_graph(backend, build, runs)
-    ggml.free_buffer(buffer)
-    weights.close()
+    for context, memory in [copies, (weights, buffer)] if copies else [(weights, buffer)]:
+        ggml.free_buffer(memory)
+        context.close()
     return 2 * d * ffn * TOKENS / seconds / 1e9
 
 
@@ -168,6 +174,7 @@ def layer_parts(backend: ggml.Backend, layer: VisionLayer, attention: str, runs:
     """Each part of a layer timed alone, on the layer's shapes."""
     d, ffn = HP.hidden_size, HP.intermediate_size
     x, wide = hidden_states(rng), hidden_states(rng, ffn)
+    product = lambda g, w, x: vision.product(g, w, x, attention)  # noqa: E731
 
     def timed(make) -> float:
         def build(g: Graph) -> dict:
@@ -182,11 +189,12 @@ def layer_parts(backend: ggml.Backend, layer: VisionLayer, attention: str, runs:
         return tensors[-1]
 
     return {
-        "Q, K, V, O products": timed(lambda g, x, w: all_of(g, [g.mul_mat(m, x) for m in
+        "Q, K, V, O products": timed(lambda g, x, w: all_of(g, [product(g, m, x) for m in
                                                                (layer.attn_q, layer.attn_k, layer.attn_v,
                                                                 layer.attn_output)])),
-        "MLP products (down bias)": timed(lambda g, x, w: all_of(g, [g.mul_mat(layer.ffn_up, x),
-                                                                     g.linear(w, layer.ffn_down, layer.ffn_down_bias)])),
+        "MLP products (down bias)": timed(lambda g, x, w: all_of(g, [product(g, layer.ffn_up, x),
+                                                                     g.add(product(g, layer.ffn_down, w),
+                                                                           layer.ffn_down_bias)])),
         "attention": attention_seconds(backend, attention, runs, rng),
         "2 layer norms": timed(lambda g, x, w: all_of(g, [g.layer_norm(x, layer.attn_norm, layer.attn_norm_bias,
                                                                       HP.norm_eps),
@@ -216,7 +224,9 @@ def report(args: argparse.Namespace) -> str:
     paths = [p for p in kernels.FASTEST_FIRST if p in kernels.runnable_paths()]
     if os.environ.get(kernels.ENVIRONMENT):
         paths = [p for p in paths if p == ours]
-    default_type = "BF16" if vision.products_in_bf16(int(F16), on_cpu=True) else "F16"
+    products = vision.products_for(int(F16), ours or "flash", on_cpu=True)
+    default_type = {"bf16": "BF16", "int16": "F16 as int16"}.get(products, "F16")
+    scratch = ggml.Scratch(backend)
     lines = [*emulation_note(),
              f"Measured {datetime.date.today().isoformat()} by `python bench/vision_layer_bench.py` on {machine()}, "
              f"{args.threads} threads, best of {args.runs}. One layer: {TOKENS} tokens (4 tiles, the real ones "
@@ -226,20 +236,27 @@ def report(args: argparse.Namespace) -> str:
              "|---|---|--:|--:|--:|--:|"]
     for name in args.types:
         layer, weights, buffer = random_layer(backend, Q[name], rng)
-        for attention in [p for p in (ours, "flash") if p]:
-            total = time_layer(backend, layer, attention, args.runs)
-            without = time_layer(backend, layer, attention, args.runs, without_attention=True)
-            lines.append(f"| {name} | {attention} | {total:.2f} | {without:.2f} | {total - without:.2f} | "
-                         f"{total * LAYERS_PER_ENCODE:.0f} |")
-            print(lines[-1], flush=True)
-        if name == default_type and ours:
-            parts = layer_parts(backend, layer, ours, args.runs, rng)
-            whole = time_layer(backend, layer, ours, args.runs)
-            by_gelu = {label: time_layer(backend, layer, ours, args.runs, without_attention=True, gelu=gelu)
-                       for label, gelu in GELUS.items()}
-        ggml.free_buffer(buffer)
-        weights.close()
-    if default_type in args.types and ours:
+        variants, copies = [(name, layer, (ours, "flash"))], None
+        if name == "F16" and products == "int16":         # the runtime's products here, beside our kernel
+            packed = dataclasses.replace(layer)
+            copies = vision.swap_for_copies([packed], "int16", backend, scratch)
+            variants.append(("F16 as int16", packed, (ours,)))
+        for label, variant, attentions in variants:
+            for attention in [p for p in attentions if p]:
+                total = time_layer(backend, variant, attention, args.runs)
+                without = time_layer(backend, variant, attention, args.runs, without_attention=True)
+                lines.append(f"| {label} | {attention} | {total:.2f} | {without:.2f} | {total - without:.2f} | "
+                             f"{total * LAYERS_PER_ENCODE:.0f} |")
+                print(lines[-1], flush=True)
+            if label == default_type and ours:
+                parts = layer_parts(backend, variant, ours, args.runs, rng)
+                whole = time_layer(backend, variant, ours, args.runs)
+                by_gelu = {label: time_layer(backend, variant, ours, args.runs, without_attention=True, gelu=gelu)
+                           for label, gelu in GELUS.items()}
+        for context, memory in [copies, (weights, buffer)] if copies else [(weights, buffer)]:
+            ggml.free_buffer(memory)
+            context.close()
+    if default_type.split()[0] in args.types and ours:
         lines += ["", f"The parts of one layer as the runtime runs it here ({default_type} products, attention "
                       f"`{ours}`), each timed alone; the layer itself took {whole:.2f} s:", "",
                   "| part | s | share of the sum |", "|---|--:|--:|"]
@@ -252,6 +269,9 @@ def report(args: argparse.Namespace) -> str:
     lines += ["", "| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s (integers: GOP/s) |", "|---|--:|"]
     for name in ("F32", "F16", "BF16", "Q8_0"):
         lines.append(f"| ggml, {name} weights | {product_rate(backend, Q[name], args.runs, rng):.0f} |")
+    if "avx2" in kernels.runnable_paths():
+        rate = product_rate(backend, F16, args.runs, rng, int16=True)
+        lines.append(f"| lva int16 product, F16 weights | {rate:.0f} |")
     torch_products = torch_peer("torch_products.py", args.reference_python, args.threads, args.runs)
     if isinstance(torch_products, dict):
         lines += [f"| torch {torch_products['torch']}, {variant} | {torch_products['flop'] / seconds / 1e9:.0f} |"
@@ -273,6 +293,7 @@ def report(args: argparse.Namespace) -> str:
     lines += [f"| {label} | {seconds:.2f} | {ATTENTION_FLOP / seconds / 1e9:.0f} |" for label, seconds in rows]
     if isinstance(torch_rows, str):
         lines.append(f"\n({torch_rows})")
+    scratch.close()
     backend.close()
     return "\n".join(lines)
 
