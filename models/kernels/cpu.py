@@ -204,8 +204,13 @@ def int16_packed(backend: ggml.Backend, matrices: Sequence[Tensor]) -> tuple[Gra
     def pack(matrix: Tensor, copy: Tensor) -> None:
         k, n = ggml.shape(matrix)[:2]
         library.lva_int16_pack(ggml.struct(matrix).data, k, n, ggml.struct(matrix).nb[1], ggml.struct(copy).data)
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:       # ctypes lets go of the GIL
-        list(pool.map(pack, matrices, packed))
+    try:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:   # ctypes lets go of the GIL
+            list(pool.map(pack, matrices, packed))
+    except BaseException:
+        ggml.free_buffer(buffer)
+        held.close()
+        raise
     return held, buffer, packed
 
 
