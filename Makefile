@@ -7,9 +7,11 @@ DEVICES_VENV ?= .venv-rpc
 DEVICES_BIN := $(DEVICES_VENV)/bin
 LLAMA_CPP_PYTHON := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
-.PHONY: chat test test-devices install bench clean
+.PHONY: chat test test-devices install bench clean kernels-werror
 
-$(BIN)/.installed: pyproject.toml setup.py models/kernels/cpu.c
+KERNEL_SOURCES := $(wildcard models/kernels/*.c models/kernels/*.h)
+
+$(BIN)/.installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -25,7 +27,7 @@ test: install
 
 # llama-cpp-python built from source with the RPC backend (about 5 minutes on 2 cores), never from pip's
 # cache (it holds the CPU build) and never into it.
-$(DEVICES_BIN)/.installed: pyproject.toml setup.py models/kernels/cpu.c
+$(DEVICES_BIN)/.installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 	$(PYTHON) -m venv $(DEVICES_VENV)
 	$(DEVICES_BIN)/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="-DGGML_RPC=on" $(DEVICES_BIN)/python -m pip install --quiet --no-cache-dir \
@@ -37,6 +39,11 @@ $(DEVICES_BIN)/.installed: pyproject.toml setup.py models/kernels/cpu.c
 test-devices: $(DEVICES_BIN)/.installed
 	@tests/devices/vulkan_status.sh
 	$(DEVICES_BIN)/python -m pytest --devices tests/devices
+
+# The kernels once more with every warning an error (installs build them with the warnings on, not fatal).
+kernels-werror:
+	$(CC) -O3 -std=c11 -Wall -Wextra -Wshadow -Wmissing-prototypes -Werror -fPIC -shared \
+		-o /dev/null $(filter %.c,$(KERNEL_SOURCES))
 
 bench: install
 	$(BIN)/python bench/convert_bench.py

@@ -21,6 +21,12 @@ def data_dir() -> Path:
     return Path(home) if home else Path(platformdirs.user_data_dir(APP_NAME))
 
 
+def cache_dir() -> Path:
+    """Things lva can always make again: encoded images, the measured speed of its kernels."""
+    home = os.environ.get("LVA_HOME")
+    return Path(home) / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME))
+
+
 def models_dir() -> Path:
     return data_dir() / "models"
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import ggml  # noqa: E402
 from models.ggml import F16, F32, Graph  # noqa: E402
-from models.kernels import cpu as kernels  # noqa: E402
+from models.kernels import library, ops  # noqa: E402
+from models.kernels.paths import Arithmetic, Isa, KernelPath  # noqa: E402
 
 HEAD_DIM, IMAGE_TOKENS, KV_HEADS, GROUP = 128, 6404, 8, 4
 REPEATS = 50
@@ -55,25 +56,24 @@ def main() -> None:
     print("| keys | mul_mat(K, q) ms | mul_mat(q, K) + transpose ms | ratio |")
     print("|---|--:|--:|--:|")
     for qtype, values in ((F16, keys.astype(np.float16)), (F32, keys)):
-        weights = Graph(2)
-        key = weights.new(qtype, HEAD_DIM, IMAGE_TOKENS, KV_HEADS, name="k")
-        buffer = backend.alloc(weights)
-        ggml.tensor_set(key, values)
-        tall = milliseconds(backend, lambda g, q, k: g.mul_mat(k, q), key)
-        wide = milliseconds(backend, lambda g, q, k: g.cont(g.permute(g.mul_mat(g.cast(q, qtype), k), 1, 0, 2)), key)
-        print(f"| {qtype.name} | {tall:.2f} | {wide:.2f} | {tall / wide:.1f} |")
-        ggml.free_buffer(buffer)
-        weights.close()
+        with ggml.Memory(1) as weights:
+            key = weights.new(qtype, HEAD_DIM, IMAGE_TOKENS, KV_HEADS, name="k")
+            weights.allocate(backend)
+            ggml.tensor_set(key, values)
+            tall = milliseconds(backend, lambda g, q, k: g.mul_mat(k, q), key)
+            wide = milliseconds(backend, lambda g, q, k: g.cont(g.permute(g.mul_mat(g.cast(q, qtype), k), 1, 0, 2)),
+                                key)
+            print(f"| {qtype.name} | {tall:.2f} | {wide:.2f} | {tall / wide:.1f} |")
     whole_attention(backend)
 
 
 def whole_attention(backend: ggml.Backend) -> None:
     """softmax(q Kᵀ / √d) V for one decoded token, F16 K/V as the runtime keeps them."""
     rng = np.random.default_rng(2)
-    weights = Graph(2)
+    weights = ggml.Memory(2)
     key = weights.new(F16, HEAD_DIM, IMAGE_TOKENS, KV_HEADS, name="k")
     value_t = weights.new(F16, IMAGE_TOKENS, HEAD_DIM, KV_HEADS, name="v")
-    buffer = backend.alloc(weights)
+    weights.allocate(backend)
     for t in (key, value_t):
         ggml.tensor_set(t, rng.standard_normal(ggml.shape(t)[:3][::-1]).astype(np.float16))
     scale = HEAD_DIM ** -0.5
@@ -83,15 +83,16 @@ def whole_attention(backend: ggml.Backend) -> None:
         return g.mul_mat(value_t, scores)
 
     rows = [("ggml: product, transpose, softmax, product", milliseconds(backend, ggml_ops, key))]
-    rows += [(f"lva kernel, {path} path", milliseconds(backend, lambda g, q, _, path=path: kernels.cross_attention(
-        g, q, key, value_t, scale, path), key)) for path in kernels.FASTEST_FIRST if path in kernels.runnable_paths()]
+    paths = [KernelPath(Arithmetic.F32, isa) for isa in (Isa.AVX512, Isa.AVX2)
+             if library.runs(KernelPath(Arithmetic.F32, isa), "cross_attention")]
+    rows += [(f"lva kernel, {path}", milliseconds(backend, lambda g, q, _, path=path: ops.cross_attention(
+        g, q, key, value_t, scale, path), key)) for path in paths]
     megabytes = 2 * KV_HEADS * IMAGE_TOKENS * HEAD_DIM * 2 / 1e6
     print(f"\nthe whole attention ({megabytes:.0f} MB of F16 K/V):")
     print("| attention | ms | GB/s of K/V |")
     print("|---|--:|--:|")
     for label, ms in rows:
         print(f"| {label} | {ms:.2f} | {megabytes / ms:.1f} |")
-    ggml.free_buffer(buffer)
     weights.close()
 
 

@@ -1,24 +1,21 @@
-"""One vision encoder layer at the real 11B width on 4 tiles: where the encode time goes.
+"""One vision encoder layer at the real 11B width on 4 tiles: each arithmetic's rate beside torch's, and
+where the encode time goes.
 
 The 4-tile encode runs 40 such layers (32 local + 8 global) over 6432 tokens, so a layer's time x 40 is
 most of the encode time. In one run, on one machine:
 
-- the layer per weight type and attention (our fused kernel's fastest path here, ggml's flash attention),
-  split into the layer without attention and the rest; and F16 as the runtime multiplies it where that is
-  our int16 product (beside our AVX2 path);
-- the parts of the layer the runtime uses by default (its fastest weight type here, our kernel): matrix
-  products, attention, layer norms, GELU, residual adds, each timed alone; and the layer with each GELU;
-- the matrix product rate: ggml's per weight type, and torch's in fp32, bf16 and 8-bit integers (a child
-  process with the `reference` extra's interpreter);
-- attention alone: each path of our kernel this CPU runs, ggml's flash attention (with Meta's mask in
-  HF's tile-major order, and without, in the encoder's order), and torch's SDPA in bf16 and fp32 as HF
-  calls it (a child process with the `reference` extra's interpreter).
+- the matrix product rate (the widest product, 1280 -> 5120 over the 6432 tokens): every path of lva's
+  products this CPU runs (F32, int16, int8, per instruction set), ggml's per weight type, and torch's in
+  fp32, bf16 and 8-bit integers (a child process with the `reference` extra's interpreter);
+- attention alone: every path of lva's attention this CPU runs, ggml's flash attention (with Meta's mask
+  in HF's tile-major order, and without, in the encoder's order), and torch's SDPA in bf16 and fp32 as HF
+  calls it;
+- the targets of the speed issue on this CPU: F32 products at >= 0.9 x torch fp32's Linear, F32 attention
+  at >= torch fp32 SDPA's (HF's mask), int8 products at >= 1.5 x the F32 path's;
+- the layer as the runtime runs it here (the paths the calibration chose), split into its parts.
 
     python bench/vision_layer_bench.py                         # prints the tables
     python bench/vision_layer_bench.py --write-docs            # and rewrites its section of PERFORMANCE.md
-    LVA_ATTENTION=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-    FBGEMM_ENABLE_INSTRUCTIONS=AVX2 /work/venv-avx2/bin/python bench/vision_layer_bench.py \
-        --types F16 Q8_0 F32 --section vision-layer-avx2 --write-docs    # as an AVX2-only CPU (first_answer_bench)
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
@@ -40,14 +38,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from assistant.runtime import kernel_choice  # noqa: E402
 from models import ggml  # noqa: E402
-from models.ggml import F16, F32, Graph  # noqa: E402
-from models.kernels import cpu as kernels  # noqa: E402
+from models.ggml import F16, F32, Graph, Tensor  # noqa: E402
+from models.kernels import library, ops  # noqa: E402
+from models.kernels.paths import GGML_FLASH_ATTENTION, Arithmetic, Isa, KernelPath, Paths  # noqa: E402
 from models.mllama import vision  # noqa: E402
 from models.mllama.hparams import VisionHParams  # noqa: E402
 from models.mllama.weights import VisionLayer  # noqa: E402
 
-from report import emulation_note, machine, write_section  # noqa: E402
+from report import machine, write_section  # noqa: E402
 
 HP = VisionHParams(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1, num_global_layers=0,
                    attention_heads=16, intermediate_layers_indices=(), image_size=560, patch_size=14, num_channels=3,
@@ -57,19 +57,30 @@ REAL_TOKENS = HP.num_patches * HP.max_num_tiles
 HEADS, HEAD_DIM = HP.attention_heads, HP.hidden_size // HP.attention_heads
 LAYERS_PER_ENCODE = 40
 ATTENTION_FLOP = 4 * HP.hidden_size * (REAL_TOKENS * TOKENS + (TOKENS - REAL_TOKENS) * REAL_TOKENS)
+PRODUCT_FLOP = 2 * TOKENS * HP.hidden_size * HP.intermediate_size
 PRODUCTS_FLOP = 2 * TOKENS * (4 * HP.hidden_size ** 2 + 2 * HP.hidden_size * HP.intermediate_size)
 DEFAULT_REFERENCE_PYTHON = "/work/refvenv/bin/python"
-HEADING = "### One encoder layer: the kernels' rates"
+HEADING = "### One encoder layer: each arithmetic's rate"
+F32_PRODUCTS_TARGET, F32_ATTENTION_TARGET, INT8_TARGET = 0.9, 1.0, 1.5
+ORIGINALS: dict[Tensor, Tensor] = {}              # packed copy -> its F16 matrix (int8 reads both)
 
 
-def random_layer(backend: ggml.Backend, qtype: Q, rng: np.random.Generator) -> tuple[VisionLayer, Graph, int]:
+def ours(op: str) -> list[KernelPath]:
+    """Every path of lva's kernels this CPU runs for `op`, the scalar reference aside."""
+    arithmetics = (Arithmetic.F32, Arithmetic.INT16, Arithmetic.INT8, Arithmetic.BF16)
+    return [KernelPath(a, isa) for isa in library.isas() for a in arithmetics
+            if isa is not Isa.REFERENCE and library.runs(KernelPath(a, isa), op)
+            and (isa is not Isa.AVX512_BF16 or a is Arithmetic.BF16)]
+
+
+def random_layer(backend: ggml.Backend, qtype: Q, rng: np.random.Generator) -> tuple[VisionLayer, ggml.Memory]:
     d, ffn = HP.hidden_size, HP.intermediate_size
     shapes = {"attn_norm": (d,), "attn_norm_bias": (d,), "attn_q": (d, d), "attn_k": (d, d), "attn_v": (d, d),
               "attn_output": (d, d), "ffn_norm": (d,), "ffn_norm_bias": (d,), "ffn_up": (d, ffn),
               "ffn_up_bias": (ffn,), "ffn_down": (ffn, d), "ffn_down_bias": (d,)}
-    g = Graph(len(shapes) + 1)
-    tensors = {name: g.new(qtype if len(shape) == 2 else F32, *shape, name=name) for name, shape in shapes.items()}
-    buffer = backend.alloc(g)
+    memory = ggml.Memory(len(shapes))
+    tensors = {name: memory.new(qtype if len(shape) == 2 else F32, *shape, name=name) for name, shape in shapes.items()}
+    memory.allocate(backend)
     for name, shape in shapes.items():
         values = (rng.standard_normal(shape[::-1]) / np.sqrt(shape[0])).astype(np.float32)
         if len(shape) == 1 or qtype == F32:
@@ -80,20 +91,23 @@ def random_layer(backend: ggml.Backend, qtype: Q, rng: np.random.Generator) -> t
             ggml.tensor_set(tensors[name], (values.view(np.uint32) >> 16).astype(np.uint16))
         else:
             ggml.tensor_set(tensors[name], ggml.quantize_rows(values, qtype))
-    return VisionLayer(**tensors), g, buffer
+    return VisionLayer(**tensors), memory
 
 
-def time_graph(backend: ggml.Backend, build, runs: int) -> float:
-    """Best seconds of a graph that `build(g)` makes, returning its inputs."""
+def time_graph(backend: ggml.Backend, build: Callable[[Graph], dict], runs: int) -> float:
+    """Best seconds of a graph that `build(g)` makes (returning its inputs), after one untimed run."""
     scratch, best = ggml.Scratch(backend), float("inf")
-    for _ in range(runs):
-        g = Graph()
+    g = Graph()
+    try:
         feeds = build(g)
-        start = time.perf_counter()
-        scratch.run(g, feeds)
-        best = min(best, time.perf_counter() - start)
+        for run in range(runs + 1):
+            start = time.perf_counter()
+            scratch.run(g, feeds)
+            if run:
+                best = min(best, time.perf_counter() - start)
+    finally:
         g.close()
-    scratch.close()
+        scratch.close()
     return best
 
 
@@ -101,63 +115,67 @@ def hidden_states(rng: np.random.Generator, width: int = HP.hidden_size) -> np.n
     return rng.standard_normal((TOKENS, width)).astype(np.float32)
 
 
-# The GELUs an encoder layer can run, as (graph, x, bias, attention) -> gelu(x + bias).
-GELUS = {"ours (the bias added inside)": vision.biased_gelu,
-         "ggml's tanh table, after an add": lambda g, x, bias, attention: g.gelu_tanh(g.add(x, bias)),
-         "ggml's erf, after an add": lambda g, x, bias, attention: g.gelu(g.add(x, bias))}
+def layer_graph(layer: VisionLayer, paths: Paths) -> vision.VisionGraph:
+    """A stage's graph builder for one layer: a tower of that layer alone, over a 4-tile image."""
+    tower = vision.VisionTower(HP, None, [layer], [], None, None, paths, originals=ORIGINALS)  # type: ignore[arg-type]
+    image = vision.Image(np.zeros((4, 3, 560, 560), np.float32), 6, HP.max_num_tiles)
+    return vision.VisionGraph(tower, image)
 
 
-def time_layer(backend: ggml.Backend, layer: VisionLayer, attention: str, runs: int, without_attention: bool = False,
-               gelu=vision.biased_gelu) -> float:
-    """Best seconds of one layer as the runtime builds it, or with its attention left out (and another GELU)."""
+def time_layer(backend: ggml.Backend, layer: VisionLayer, paths: Paths, runs: int,
+               without_attention: bool = False) -> float:
+    """Best seconds of one layer as the runtime builds it, or with its attention left out."""
     x = hidden_states(np.random.default_rng(1))
-    product = lambda g, w, x: vision.product(g, w, x, attention)  # noqa: E731  (int16 beside our kernel)
+    graph = layer_graph(layer, paths)
+    if without_attention:
+        graph.attend = lambda q, k, v: graph.g.add(graph.g.add(q, k), v)              # type: ignore[method-assign]
+    scratch = ggml.Scratch(backend)
+    try:
+        x_in = graph.g.input(F32, HP.hidden_size, TOKENS, name="x")
+        graph.g.expand(graph.encoder_layer(x_in, layer))
+        best = float("inf")
+        for run in range(runs + 1):
+            start = time.perf_counter()
+            scratch.run(graph.g, {x_in: x})
+            if run:
+                best = min(best, time.perf_counter() - start)
+        return best
+    finally:
+        graph.close()
+        scratch.close()
+
+
+def with_copies(backend: ggml.Backend, layer: VisionLayer, products: KernelPath) -> tuple[VisionLayer, ggml.Memory]:
+    """The layer with its F16 matrices replaced as the runtime replaces them for `products` (packed or BF16
+    copies), and the copies' memory (empty for ggml's product of the weights as stored)."""
+    copied, scratch = dataclasses.replace(layer), ggml.Scratch(backend)
+    memory = vision.swap_for_copies([copied], products, backend, scratch, ORIGINALS) or ggml.Memory(0)
+    scratch.close()
+    return copied, memory
+
+
+def product_rate(backend: ggml.Backend, layer: VisionLayer, path: KernelPath, runs: int) -> float:
+    """GFLOP/s (integers: GOP/s) of the layer's widest product, ffn_up, over the 6432 tokens."""
+    x = hidden_states(np.random.default_rng(2))
 
     def build(g: Graph) -> dict:
         x_in = g.input(F32, HP.hidden_size, TOKENS, name="x")
-        if without_attention:
-            h = g.layer_norm(x_in, layer.attn_norm, layer.attn_norm_bias, HP.norm_eps)
-            q, k, v = (product(g, w, h) for w in (layer.attn_q, layer.attn_k, layer.attn_v))
-            h = g.add(x_in, product(g, layer.attn_output, g.add(g.add(q, k), v)))
-            up = product(g, layer.ffn_up, g.layer_norm(h, layer.ffn_norm, layer.ffn_norm_bias, HP.norm_eps))
-            mlp = g.add(product(g, layer.ffn_down, gelu(g, up, layer.ffn_up_bias, attention)), layer.ffn_down_bias)
-            g.expand(g.add(h, mlp))
-        else:
-            g.expand(vision.encoder_layer(g, x_in, layer, HP, REAL_TOKENS, attention))
+        g.expand(vision.product(g, layer.ffn_up, x_in, path, ORIGINALS.get(layer.ffn_up)))
         return {x_in: x}
-    return time_graph(backend, build, runs)
+    return PRODUCT_FLOP / time_graph(backend, build, runs) / 1e9
 
 
-def product_rate(backend: ggml.Backend, qtype: Q, runs: int, rng: np.random.Generator, int16: bool = False) -> float:
-    """GFLOP/s of the layer's widest product (ffn_up: 1280 -> 5120) over the 6432 tokens: ggml's, or (F16
-    weights) our int16 product's."""
-    d, ffn = HP.hidden_size, HP.intermediate_size
-    layer, weights, buffer = random_layer(backend, qtype, rng)
-    copies = vision.swap_for_copies([layer], "int16", backend, None) if int16 else None
-    x = hidden_states(rng)
-
-    def build(g: Graph) -> dict:
-        x_in = g.input(F32, d, TOKENS, name="x")
-        g.expand(vision.product(g, layer.ffn_up, x_in, "avx2"))
-        return {x_in: x}
-    seconds = time_graph(backend, build, runs)
-    for context, memory in [copies, (weights, buffer)] if copies else [(weights, buffer)]:
-        ggml.free_buffer(memory)
-        context.close()
-    return 2 * d * ffn * TOKENS / seconds / 1e9
-
-
-def attention_seconds(backend: ggml.Backend, attention: str, runs: int, rng: np.random.Generator,
-                      masked: bool = False) -> float:
+def attention_seconds(backend: ggml.Backend, path: KernelPath, runs: int, masked: bool = False) -> float:
     """One layer's attention alone: `vision.attend` in encoder order, or ggml's flash attention over the
     tile-major order with Meta's mask (masked=True), as HF's order would need it."""
+    rng = np.random.default_rng(3)
     q, k, v = (hidden_states(rng) for _ in range(3))
 
     def build(g: Graph) -> dict:
         inputs = [g.input(F32, HP.hidden_size, TOKENS, name=name) for name in "qkv"]
         feeds = dict(zip(inputs, (q, k, v)))
         if not masked:
-            g.expand(vision.attend(g, *inputs, HEADS, REAL_TOKENS, attention))
+            g.expand(vision.attend(g, *inputs, HEADS, REAL_TOKENS, path))
             return feeds
         is_pad = ~np.isin(np.arange(TOKENS), vision.encoder_order(HP, HP.max_num_tiles)[:REAL_TOKENS])
         mask = np.where(is_pad[:, None] & is_pad[None, :], -np.inf, 0).astype(np.float16)
@@ -169,39 +187,36 @@ def attention_seconds(backend: ggml.Backend, attention: str, runs: int, rng: np.
     return time_graph(backend, build, runs)
 
 
-def layer_parts(backend: ggml.Backend, layer: VisionLayer, attention: str, runs: int,
-                rng: np.random.Generator) -> dict[str, float]:
+def layer_parts(backend: ggml.Backend, layer: VisionLayer, paths: Paths, runs: int) -> dict[str, float]:
     """Each part of a layer timed alone, on the layer's shapes."""
+    rng = np.random.default_rng(4)
     d, ffn = HP.hidden_size, HP.intermediate_size
     x, wide = hidden_states(rng), hidden_states(rng, ffn)
-    product = lambda g, w, x: vision.product(g, w, x, attention)  # noqa: E731
 
-    def timed(make) -> float:
+    def timed(make: Callable[[Graph, Tensor, Tensor], list[Tensor]]) -> float:
         def build(g: Graph) -> dict:
             x_in, wide_in = g.input(F32, d, TOKENS, name="x"), g.input(F32, ffn, TOKENS, name="wide")
-            g.expand(make(g, x_in, wide_in))
+            for t in make(g, x_in, wide_in):
+                g.expand(t)
             return {x_in: x, wide_in: wide}
         return time_graph(backend, build, runs)
 
-    def all_of(g: Graph, tensors: list) -> int:
-        for t in tensors[:-1]:
-            g.expand(t)
-        return tensors[-1]
+    def product(g: Graph, w: Tensor, x_in: Tensor) -> Tensor:
+        return vision.product(g, w, x_in, paths.products, ORIGINALS.get(w))
+
+    def norm(g: Graph, x_in: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return g.layer_norm(x_in, w, b, HP.norm_eps)
 
     return {
-        "Q, K, V, O products": timed(lambda g, x, w: all_of(g, [product(g, m, x) for m in
-                                                               (layer.attn_q, layer.attn_k, layer.attn_v,
-                                                                layer.attn_output)])),
-        "MLP products (down bias)": timed(lambda g, x, w: all_of(g, [product(g, layer.ffn_up, x),
-                                                                     g.add(product(g, layer.ffn_down, w),
-                                                                           layer.ffn_down_bias)])),
-        "attention": attention_seconds(backend, attention, runs, rng),
-        "2 layer norms": timed(lambda g, x, w: all_of(g, [g.layer_norm(x, layer.attn_norm, layer.attn_norm_bias,
-                                                                      HP.norm_eps),
-                                                         g.layer_norm(x, layer.ffn_norm, layer.ffn_norm_bias,
-                                                                      HP.norm_eps)])),
-        "GELU (with the up bias)": timed(lambda g, x, w: vision.biased_gelu(g, w, layer.ffn_up_bias, attention)),
-        "2 residual adds": timed(lambda g, x, w: all_of(g, [g.add(x, x), g.add(x, x)])),
+        "Q, K, V, O products": timed(lambda g, x_in, w: [product(g, m, x_in) for m in
+                                                         (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output)]),
+        "MLP products (down bias)": timed(lambda g, x_in, w: [product(g, layer.ffn_up, x_in),
+                                                              g.add(product(g, layer.ffn_down, w), layer.ffn_down_bias)]),
+        "attention": attention_seconds(backend, paths.attention, runs),
+        "2 layer norms": timed(lambda g, x_in, w: [norm(g, x_in, layer.attn_norm, layer.attn_norm_bias),
+                                                   norm(g, x_in, layer.ffn_norm, layer.ffn_norm_bias)]),
+        "GELU (with the up bias)": timed(lambda g, x_in, w: [vision.biased_gelu(g, w, layer.ffn_up_bias, paths.gelu)]),
+        "2 residual adds": timed(lambda g, x_in, w: [g.add(x_in, x_in), g.add(x_in, x_in)]),
     }
 
 
@@ -217,90 +232,108 @@ def torch_peer(script: str, python: str, threads: int, runs: int) -> dict | str:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(args: argparse.Namespace) -> str:
-    backend = ggml.Backend(args.threads)
+def verdict(measured: float, required: float) -> str:
+    return f"{measured:.0f} against {required:.0f}: {'PASS' if measured >= required else '**MISS**'}"
+
+
+def products_section(backend: ggml.Backend, args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
     rng = np.random.default_rng(0)
-    ours = kernels.chosen_path()               # LVA_ATTENTION=avx2 on an AVX-512 CPU: as an AVX2-only CPU would
-    paths = [p for p in kernels.FASTEST_FIRST if p in kernels.runnable_paths()]
-    if os.environ.get(kernels.ENVIRONMENT):
-        paths = [p for p in paths if p == ours]
-    products = vision.products_for(int(F16), ours or "flash", on_cpu=True)
-    default_type = {"bf16": "BF16", "int16": "F16 as int16"}.get(products, "F16")
-    scratch = ggml.Scratch(backend)
-    lines = [*emulation_note(),
-             f"Measured {datetime.date.today().isoformat()} by `python bench/vision_layer_bench.py` on {machine()}, "
-             f"{args.threads} threads, best of {args.runs}. One layer: {TOKENS} tokens (4 tiles, the real ones "
-             f"first), {PRODUCTS_FLOP / 1e9:.0f} GFLOP of matrix products and {ATTENTION_FLOP / 1e9:.0f} GFLOP of "
-             f"attention; a 4-tile encode is {LAYERS_PER_ENCODE} layers.", "",
-             "| weights | attention | layer s | without attention s | attention s | × 40 s |",
-             "|---|---|--:|--:|--:|--:|"]
-    for name in args.types:
-        layer, weights, buffer = random_layer(backend, Q[name], rng)
-        variants, copies = [(name, layer, (ours, "flash"))], None
-        if name == "F16" and products == "int16":         # the runtime's products here, beside our kernel
-            packed = dataclasses.replace(layer)
-            copies = vision.swap_for_copies([packed], "int16", backend, scratch)
-            variants.append(("F16 as int16", packed, (ours,)))
-        for label, variant, attentions in variants:
-            for attention in [p for p in attentions if p]:
-                total = time_layer(backend, variant, attention, args.runs)
-                without = time_layer(backend, variant, attention, args.runs, without_attention=True)
-                lines.append(f"| {label} | {attention} | {total:.2f} | {without:.2f} | {total - without:.2f} | "
-                             f"{total * LAYERS_PER_ENCODE:.0f} |")
-                print(lines[-1], flush=True)
-            if label == default_type and ours:
-                parts = layer_parts(backend, variant, ours, args.runs, rng)
-                whole = time_layer(backend, variant, ours, args.runs)
-                by_gelu = {label: time_layer(backend, variant, ours, args.runs, without_attention=True, gelu=gelu)
-                           for label, gelu in GELUS.items()}
-        for context, memory in [copies, (weights, buffer)] if copies else [(weights, buffer)]:
-            ggml.free_buffer(memory)
-            context.close()
-    if default_type.split()[0] in args.types and ours:
-        lines += ["", f"The parts of one layer as the runtime runs it here ({default_type} products, attention "
-                      f"`{ours}`), each timed alone; the layer itself took {whole:.2f} s:", "",
-                  "| part | s | share of the sum |", "|---|--:|--:|"]
-        total = sum(parts.values())
-        lines += [f"| {part} | {s:.3f} | {100 * s / total:.0f} % |" for part, s in parts.items()]
-        lines.append(f"| sum of the parts | {total:.3f} | |")
-        lines += ["", "The layer without its attention, by the GELU it runs (the runtime's is the first):", "",
-                  "| GELU in the layer | layer without attention s |", "|---|--:|"]
-        lines += [f"| {label} | {s:.3f} |" for label, s in by_gelu.items()]
-    lines += ["", "| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s (integers: GOP/s) |", "|---|--:|"]
+    rates: dict[str, float] = {}
+    for path in ours("products"):
+        layer, memory = random_layer(backend, Q.F16, rng)
+        packed, copies = with_copies(backend, layer, path)
+        with copies, memory:
+            rates[f"lva {path}, F16 weights"] = product_rate(backend, packed, path, args.runs)
+        print(f"products {path}: {rates[f'lva {path}, F16 weights']:.0f}", flush=True)
     for name in ("F32", "F16", "BF16", "Q8_0"):
-        lines.append(f"| ggml, {name} weights | {product_rate(backend, Q[name], args.runs, rng):.0f} |")
-    if "avx2" in kernels.runnable_paths():
-        rate = product_rate(backend, F16, args.runs, rng, int16=True)
-        lines.append(f"| lva int16 product, F16 weights | {rate:.0f} |")
-    torch_products = torch_peer("torch_products.py", args.reference_python, args.threads, args.runs)
-    if isinstance(torch_products, dict):
-        lines += [f"| torch {torch_products['torch']}, {variant} | {torch_products['flop'] / seconds / 1e9:.0f} |"
-                  for variant, seconds in torch_products["seconds"].items()]
-    else:
-        lines.append(f"\n({torch_products})")
-    rows = [(f"lva kernel, {path} path", attention_seconds(backend, path, args.runs, rng)) for path in paths]
-    rows += [("ggml flash attention (F16 K/V), encoder order, no mask", attention_seconds(backend, "flash", args.runs,
-                                                                                          rng)),
-             ("ggml flash attention (F16 K/V), tile-major with Meta's mask",
-              attention_seconds(backend, "flash", args.runs, rng, masked=True))]
-    torch_rows = torch_peer("torch_attention.py", args.reference_python, args.threads, args.runs)
-    if isinstance(torch_rows, dict):
-        rows += [(f"torch {torch_rows['torch']} SDPA, {variant}", seconds)
-                 for variant, seconds in torch_rows["seconds"].items()]
-    lines += ["", f"Attention of one layer ({ATTENTION_FLOP / 1e9:.0f} GFLOP: the pairs Meta's mask keeps; torch "
-                  f"and the masked flash attention also compute the few masked pairs):", "",
-              "| attention | s | GFLOP/s |", "|---|--:|--:|"]
-    lines += [f"| {label} | {seconds:.2f} | {ATTENTION_FLOP / seconds / 1e9:.0f} |" for label, seconds in rows]
-    if isinstance(torch_rows, str):
-        lines.append(f"\n({torch_rows})")
-    scratch.close()
+        layer, memory = random_layer(backend, Q[name], rng)
+        rates[f"ggml, {name} weights"] = product_rate(backend, layer, KernelPath(Arithmetic.STORED), args.runs)
+        memory.close()
+    peers = torch_peer("torch_products.py", args.reference_python, args.threads, args.runs)
+    if isinstance(peers, dict):
+        rates.update({f"torch {peers['torch']}, {variant}": peers["flop"] / seconds / 1e9
+                      for variant, seconds in peers["seconds"].items()})
+    lines = ["| matrix product (1280 -> 5120, 6432 tokens) | GFLOP/s (integers: GOP/s) |", "|---|--:|"]
+    lines += [f"| {label} | {rate:.0f} |" for label, rate in rates.items()]
+    if isinstance(peers, str):
+        lines.append(f"\n({peers})")
+    return lines, rates
+
+
+def attention_section(backend: ggml.Backend, args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
+    rows = {f"lva {path}": attention_seconds(backend, path, args.runs) for path in ours("attention")}
+    rows["ggml flash attention (F16 K/V), encoder order, no mask"] = attention_seconds(backend, GGML_FLASH_ATTENTION,
+                                                                                       args.runs)
+    rows["ggml flash attention (F16 K/V), tile-major with Meta's mask"] = attention_seconds(
+        backend, GGML_FLASH_ATTENTION, args.runs, masked=True)
+    peers = torch_peer("torch_attention.py", args.reference_python, args.threads, args.runs)
+    if isinstance(peers, dict):
+        rows.update({f"torch {peers['torch']} SDPA, {variant}": s for variant, s in peers["seconds"].items()})
+    lines = ["| attention | s | GFLOP/s |", "|---|--:|--:|"]
+    lines += [f"| {label} | {seconds:.2f} | {ATTENTION_FLOP / seconds / 1e9:.0f} |" for label, seconds in rows.items()]
+    if isinstance(peers, str):
+        lines.append(f"\n({peers})")
+    return lines, {label: ATTENTION_FLOP / seconds / 1e9 for label, seconds in rows.items()}
+
+
+def targets(products: dict[str, float], attention: dict[str, float]) -> list[str]:
+    """The speed issue's three targets, measured on this CPU in this run."""
+    def best(rates: dict[str, float], prefix: str) -> tuple[str, float]:
+        found = {label: rate for label, rate in rates.items() if label.startswith(prefix)}
+        return max(found.items(), key=lambda item: item[1]) if found else ("none", 0.0)
+    torch_fp32 = next((r for label, r in products.items() if "float32" in label), None)
+    sdpa_fp32 = next((r for label, r in attention.items() if "float32, HF's mask" in label), None)
+    f32_label, f32_rate = best(products, "lva f32@")
+    int8_label, int8_rate = best(products, "lva int8@")
+    attention_label, attention_rate = best(attention, "lva f32@")
+    lines = ["| target | path | GFLOP/s (GOP/s) against required | result |", "|---|---|---|---|"]
+    if torch_fp32:
+        lines.append(f"| F32 products >= {F32_PRODUCTS_TARGET} x torch fp32 Linear ({torch_fp32:.0f}) | {f32_label} | "
+                     f"{verdict(f32_rate, F32_PRODUCTS_TARGET * torch_fp32)} |")
+    if sdpa_fp32:
+        lines.append(f"| F32 attention >= torch SDPA fp32, HF's mask ({sdpa_fp32:.0f}) | {attention_label} | "
+                     f"{verdict(attention_rate, F32_ATTENTION_TARGET * sdpa_fp32)} |")
+    lines.append(f"| int8 products >= {INT8_TARGET} x the F32 path ({f32_rate:.0f}) | {int8_label} | "
+                 f"{verdict(int8_rate, INT8_TARGET * f32_rate) if int8_rate else 'no VNNI here: not run'} |")
+    return lines
+
+
+def layer_section(backend: ggml.Backend, args: argparse.Namespace, paths: Paths) -> list[str]:
+    rng = np.random.default_rng(5)
+    layer, memory = random_layer(backend, Q.F16, rng)
+    copied, copies = with_copies(backend, layer, paths.products)
+    with copies, memory:
+        whole = time_layer(backend, copied, paths, args.runs)
+        without = time_layer(backend, copied, paths, args.runs, without_attention=True)
+        parts = layer_parts(backend, copied, paths, args.runs)
+    total = sum(parts.values())
+    lines = [f"The layer as the runtime runs it here ({paths}): {whole:.2f} s, {without:.2f} s of it outside the "
+             f"attention; x 40 = {whole * LAYERS_PER_ENCODE:.0f} s. Its parts, each timed alone:", "",
+             "| part | s | share of the sum |", "|---|--:|--:|"]
+    lines += [f"| {part} | {s:.3f} | {100 * s / total:.0f} % |" for part, s in parts.items()]
+    lines.append(f"| sum of the parts | {total:.3f} | |")
+    return lines
+
+
+def report(args: argparse.Namespace) -> str:
+    backend = ggml.Backend(args.threads, ggml.cpu_device())
+    paths = kernel_choice.choose(args.threads, lambda stage, f: None)
+    product_lines, product_rates = products_section(backend, args)
+    attention_lines, attention_rates = attention_section(backend, args)
+    lines = [f"Measured {datetime.date.today().isoformat()} by `python bench/vision_layer_bench.py` on {machine()}, "
+             f"{args.threads} threads, best of {args.runs} after one untimed run. One layer: {TOKENS} tokens (4 "
+             f"tiles, the real ones first), {PRODUCTS_FLOP / 1e9:.0f} GFLOP of matrix products and "
+             f"{ATTENTION_FLOP / 1e9:.0f} GFLOP of attention; a 4-tile encode is {LAYERS_PER_ENCODE} layers.", "",
+             *targets(product_rates, attention_rates), "", *product_lines, "",
+             f"Attention of one layer ({ATTENTION_FLOP / 1e9:.0f} GFLOP: the pairs Meta's mask keeps; torch and the "
+             f"masked flash attention also compute the few masked pairs):", "", *attention_lines, "",
+             *layer_section(backend, args, paths)]
     backend.close()
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--types", nargs="+", default=["F16", "BF16", "Q8_0"])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON,

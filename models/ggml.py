@@ -328,10 +328,6 @@ class Graph:
     def gelu_tanh(self, a: Tensor) -> Tensor: return _lib.ggml_gelu(self.ctx, a)     # an F16 table on the CPU
     def silu(self, a: Tensor) -> Tensor: return _lib.ggml_silu(self.ctx, a)
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        y = self.mul_mat(weight, x)
-        return y if bias is None else self.add(y, bias)
-
     def layer_norm(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         return self.add(self.mul(_lib.ggml_norm(self.ctx, x, eps), weight), bias)
 
@@ -559,26 +555,58 @@ def place(buffer: int, t: Tensor, address: int) -> None:
         raise RuntimeError(f"could not place {name_of(t)!r} in its mapped buffer")
 
 
-def converted(backend: Backend, scratch: Scratch, tensors: Sequence[Tensor],
-              qtype: GGMLQuantizationType) -> tuple[Graph, int, list[Tensor]]:
-    """Copies of `tensors` in `qtype` in a new buffer on the backend, converted by ggml's own copy op.
+class Memory:
+    """Tensors with memory of their own: a ggml context describing them and the backend buffer holding
+    them, freed together by `close` (or at the end of a `with` block). Describe the tensors with `new`,
+    then give them memory with `allocate` (or `adopt` a buffer they were placed in)."""
 
-    Returns the copies' context and buffer (the caller frees both) and the copies, in order."""
-    held = Graph(len(tensors) + 1)
-    copies = [held.new(qtype, *shape(t)[:_lib.ggml_n_dims(t)], name=name_of(t).decode()) for t in tensors]
-    buffer = backend.alloc(held)
+    def __init__(self, max_tensors: int) -> None:
+        self.graph = Graph(max_tensors + 1)
+        self.buffer: int | None = None
+
+    def new(self, qtype: GGMLQuantizationType, *ne: int, name: str | None = None) -> Tensor:
+        return self.graph.new(qtype, *ne, name=name)
+
+    def allocate(self, backend: Backend, buffer_type: int | None = None) -> Memory:
+        """Every tensor described so far gets memory on the backend (in `buffer_type`, if given)."""
+        self.buffer = backend.alloc(self.graph) if buffer_type is None else backend.alloc_in(self.graph, buffer_type)
+        return self
+
+    def adopt(self, buffer: int) -> None:
+        """Own a buffer the tensors were placed in by hand (`place`)."""
+        self.buffer = buffer
+
+    def close(self) -> None:
+        free_buffer(self.buffer)
+        self.buffer = None
+        self.graph.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def converted(backend: Backend, scratch: Scratch, tensors: Sequence[Tensor],
+              qtype: GGMLQuantizationType) -> tuple[Memory, list[Tensor]]:
+    """Copies of `tensors` in `qtype` in new memory on the backend, converted by ggml's own copy op.
+
+    Returns the copies' memory (the caller closes it) and the copies, in order."""
+    memory = Memory(len(tensors))
+    copies = [memory.new(qtype, *shape(t)[:_lib.ggml_n_dims(t)], name=name_of(t).decode()) for t in tensors]
+    memory.allocate(backend)
     work = Graph(2 * len(tensors) + 8)
     try:
         for t, copy in zip(tensors, copies):
             work.expand(work.cpy(t, copy))
         scratch.run(work)
     except BaseException:
-        free_buffer(buffer)
-        held.close()
+        memory.close()
         raise
     finally:
         work.close()
-    return held, buffer, copies
+    return memory, copies
 
 
 class Scratch:

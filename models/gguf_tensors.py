@@ -37,7 +37,7 @@ class GGUFTensors:
             raise GGUFError(f"{path} is not a readable GGUF file ({exc})") from None
         self.metadata: dict[str, Any] = {f.name: f.contents() for f in self.reader.fields.values()}
         self.tensors: dict[str, ggml.Tensor] = {}
-        self.memory: list[tuple[ggml.Graph, int]] = []      # (context, buffer) per device, repacked copies too
+        self.memory: list[ggml.Memory] = []                 # per device, and the repacked copies
 
     def load(self, backend_of: Callable[[str], ggml.Backend], progress: Progress | None = None,
              repack: Callable[[str], bool] = lambda name: False) -> None:
@@ -47,21 +47,22 @@ class GGUFTensors:
             groups.setdefault(backend_of(info.name), []).append(info)
         copied, to_copy = 0, sum(len(infos) for b, infos in groups.items() if not b.maps_host_memory)
         for backend, infos in groups.items():
-            graph = ggml.Graph(len(infos) + 1)
-            tensors = {info.name: graph.new(info.tensor_type, *map(int, info.shape), name=info.name) for info in infos}
+            memory = ggml.Memory(len(infos))
+            self.memory.append(memory)
+            tensors = {info.name: memory.new(info.tensor_type, *map(int, info.shape), name=info.name) for info in infos}
             base = self.reader.data.ctypes.data
             buffer = backend.map_host(base, self.reader.data.nbytes)
             if buffer is not None:
+                memory.adopt(buffer)
                 for info in infos:
                     ggml.place(buffer, tensors[info.name], base + info.data_offset)
             else:
-                buffer = backend.alloc(graph)
+                memory.allocate(backend)
                 for info in infos:
                     ggml.tensor_set(tensors[info.name], np.asarray(info.data).view(np.uint8))
                     copied += 1
                     if progress:
                         progress(copied / to_copy)
-            self.memory.append((graph, buffer))
             self.tensors.update(tensors)
             self._repack_for_cpu(backend, [info for info in infos if repack(info.name)])
         if progress:
@@ -75,21 +76,19 @@ class GGUFTensors:
         candidates = [c for c in candidates if len(c.shape) == 2 and c.tensor_type not in FLOAT_TYPES]
         if buffer_type is None or not candidates:
             return
-        probe = ggml.Graph(len(candidates) + 1)
-        probes = [probe.new(c.tensor_type, *map(int, c.shape)) for c in candidates]
-        probe_buffer = backend.alloc_in(probe, buffer_type)
-        chosen = [c for c, t in zip(candidates, probes) if ggml.struct(t).extra]
-        ggml.free_buffer(probe_buffer)
-        probe.close()
+        with ggml.Memory(len(candidates)) as probe:
+            probes = [probe.new(c.tensor_type, *map(int, c.shape)) for c in candidates]
+            probe.allocate(backend, buffer_type)
+            chosen = [c for c, t in zip(candidates, probes) if ggml.struct(t).extra]
         if not chosen:
             return
-        graph = ggml.Graph(len(chosen) + 1)
-        tensors = {c.name: graph.new(c.tensor_type, *map(int, c.shape), name=c.name) for c in chosen}
-        buffer = backend.alloc_in(graph, buffer_type)
+        memory = ggml.Memory(len(chosen))
+        self.memory.append(memory)
+        tensors = {c.name: memory.new(c.tensor_type, *map(int, c.shape), name=c.name) for c in chosen}
+        memory.allocate(backend, buffer_type)
         for c in chosen:
             ggml.tensor_set(tensors[c.name], np.asarray(c.data).view(np.uint8))
         self.tensors.update(tensors)
-        self.memory.append((graph, buffer))
 
     def __getitem__(self, name: str) -> ggml.Tensor:
         try:
@@ -110,7 +109,6 @@ class GGUFTensors:
         return block(**values)
 
     def close(self) -> None:
-        for graph, buffer in reversed(self.memory):
-            ggml.free_buffer(buffer)
-            graph.close()
+        for memory in reversed(self.memory):
+            memory.close()
         self.memory.clear()

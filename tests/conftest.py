@@ -56,11 +56,12 @@ def run_lva(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Say which paths of our CPU kernels this CPU runs, so a path never passes unseen by not running."""
-    from models.kernels import cpu as kernels
+    """Say which instruction sets of our CPU kernels this CPU runs, so a path never passes unseen by not running."""
+    from models.kernels import library
+    from models.kernels.paths import Isa
 
-    ran = kernels.runnable_paths()
-    missing = [path for path in kernels.PATHS if path not in ran]
-    terminalreporter.write_line(f"lva CPU kernel paths (attention, GELU, cross-attention, int16 products) run on "
-                                f"this CPU: {', '.join(ran) or 'none (not built)'}; "
-                                f"not run: {', '.join(missing) or 'none'}")
+    ran = library.isas()
+    missing = [isa for isa in Isa if isa not in ran]
+    terminalreporter.write_line(f"lva CPU kernels (attention, GELU, cross-attention, products) run on this CPU in: "
+                                f"{', '.join(map(str, ran)) or 'none (not built)'}; "
+                                f"not run: {', '.join(map(str, missing)) or 'none'}")

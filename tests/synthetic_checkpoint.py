@@ -8,6 +8,7 @@ to its 256 byte tokens and a few merges, plus the 256 Llama 3 special tokens and
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,14 @@ def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def write_checkpoint(directory: Path, config: dict[str, Any], seed: int = 0, shard_bytes: int = 0,
-                     zero_cross_attention_gates: bool = False) -> Path:
+                     zero_cross_attention_gates: bool = False, outlier_channels: tuple[int, ...] = ()) -> Path:
     """Random bf16 weights (norms near 1, gates non-zero) plus every file a published checkpoint has.
 
     `zero_cross_attention_gates` closes both gates of every cross-attention layer, as at the start of
-    Meta's vision training: the model then is the text model, whatever the image.
+    Meta's vision training: the model then is the text model, whatever the image. `outlier_channels` are
+    residual channels that every local vision layer's fc2 writes 30x larger, as trained ViTs have (a few
+    channels of their residual stream far larger than the rest): the worst case for low-precision
+    arithmetic, whose scales those channels set.
     """
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -129,7 +133,7 @@ def write_checkpoint(directory: Path, config: dict[str, Any], seed: int = 0, sha
     for n, names in enumerate(shards):
         file_name = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
         _write_safetensors(directory / file_name, {name: shapes[name] for name in names}, rng,
-                           zero_cross_attention_gates)
+                           zero_cross_attention_gates, outlier_channels)
         weight_map.update({name: file_name for name in names})
     if len(shards) > 1:
         total_size = sum(2 * int(np.prod(shape)) for shape in shapes.values())       # bf16, as published indexes say
@@ -179,8 +183,12 @@ def _random_values(name: str, shape: tuple[int, ...], rng: np.random.Generator) 
     return scale * rng.standard_normal(shape, dtype=np.float32)
 
 
+OUTLIER_SCALE = 30.0
+LOCAL_FC2 = re.compile(re.escape(W.VISION_HF_PREFIX) + r"transformer\.layers\.\d+\.mlp\.fc2\.weight$")
+
+
 def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.random.Generator,
-                       zero_cross_attention_gates: bool = False) -> None:
+                       zero_cross_attention_gates: bool = False, outlier_channels: tuple[int, ...] = ()) -> None:
     """bf16 tensors, generated and written one at a time so memory stays at one tensor."""
     header, offset = {}, 0
     for name, shape in shapes.items():
@@ -195,6 +203,8 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.r
             values = _random_values(name, shape, rng).astype(np.float32)
             if zero_cross_attention_gates and name.endswith(CROSS_ATTENTION_GATES):
                 values = np.zeros_like(values)
+            if outlier_channels and LOCAL_FC2.search(name):
+                values[list(outlier_channels)] *= OUTLIER_SCALE
             f.write((values.view(np.uint32) >> 16).astype(np.uint16).tobytes())
 
 

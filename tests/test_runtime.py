@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import llama_cpp
@@ -17,8 +18,8 @@ from assistant.runtime.model import _stop_prefix_length
 from convert.pipeline import convert
 from models import ggml
 from models.ggml import BF16, F16
-from models.kernels import cpu as kernels
-from models.mllama.vision import products_for
+from models.kernels.paths import GGML_BF16_PRODUCTS, GGML_PATHS, GGML_PRODUCTS, Arithmetic, Paths
+from tests.kernel_paths import f32_paths, widest
 from tests.synthetic_checkpoint import small_config, write_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -303,60 +304,63 @@ def test_sampling_is_deterministic_with_a_seed(tiny_a) -> None:
 
 
 # Measured on tiny-a, every image case: max |logit - reference| for logits of std ~4 (the F32 tower: 2e-5),
-# by the type the tower's products run in and its attention: ggml's flash attention (F16 K/V), and our
-# kernel's paths (avx2: F16 K/V; avx512bf16: Q, K, V and P in BF16). BF16 products round the activations
-# to BF16 too. An F16 tower runs BF16 products where ggml's CPU backend has AVX512_BF16, and int16 products
-# beside our avx2 path (`products_for`: in "F16, avx2" below the products are int16);
-# a Q8_0 file keeps F16 the rows that do not fit its blocks (tiny-a's 48-wide ones), which then run as BF16.
-# The GELU goes with the attention (`vision.biased_gelu`): ggml's tabulated tanh form beside its flash attention,
-# our exact-to-2.5e-7 erf form beside our kernel. (With the exact GELU the BF16 rows moved from 0.068 to
-# 0.088 on tiny-a, the mean error from 0.0030 to 0.0034, and on tiny-b the mean fell: rounding noise. In the
-# F32 tower the tanh form alone costs 0.0066.) F16 products measured with an AVX2-only build of ggml.
-# Where two builds differ, the larger figure is given. avx2 is our kernel's 16-bit integer path (F16 K/V in
-# F32 arithmetic before: F16 0.0099, BF16 0.073); an F16 tower's products beside it are int16 (tiny-b 0.0082,
-# tiny-c 0.0042).
-#   F16:  flash 0.021, avx2 0.0096, avx512bf16 0.029       BF16: flash 0.058, avx2 0.078, avx512bf16 0.088
-#   Q8_0: flash 0.188, avx2 0.178, avx512bf16 0.285
+# by the tower's weights and the paths its ops run (`HALF_VISION_PATHS`): ggml's own ops (flash attention
+# with F16 K/V, the product of the weights as stored, the tabulated tanh GELU), and our kernels in F32,
+# int16 and BF16 (BF16 attention beside ggml's products of BF16 copies), each with our erf GELU. Our
+# products take F16 matrices only: a BF16 tower keeps ggml's BF16 products whatever is asked, and a Q8_0
+# file keeps F16 the rows that do not fit its blocks (tiny-a's 48-wide ones), which then run as asked.
+# Measured on the development machine (AMD EPYC, AVX-512 BF16, 2026-12-04), the widest instruction set:
+#   F16:  ggml 0.020, f32 0.0028, int16 0.0098 (AVX2 0.0095), bf16 0.088
+#   BF16: ggml 0.058, f32 0.061, int16 0.075, bf16 0.088
+#   Q8_0: ggml 0.182, f32 0.175, int16 0.175, bf16 0.285
 # Bounds: about 1.5x.
-HALF_VISION_BOUNDS = {("F16", "ggml"): 0.03, ("F16", "avx2"): 0.015, ("F16", "avx512bf16"): 0.043,
-                      ("BF16", "ggml"): 0.087, ("BF16", "avx2"): 0.11, ("BF16", "avx512bf16"): 0.13,
-                      ("Q8_0", "ggml"): 0.28, ("Q8_0", "avx2"): 0.27, ("Q8_0", "avx512bf16"): 0.43}
+HALF_VISION_BOUNDS = {("F16", "ggml"): 0.03, ("F16", "f32"): 0.0045, ("F16", "int16"): 0.015, ("F16", "bf16"): 0.13,
+                      ("BF16", "ggml"): 0.087, ("BF16", "f32"): 0.092, ("BF16", "int16"): 0.11, ("BF16", "bf16"): 0.13,
+                      ("Q8_0", "ggml"): 0.28, ("Q8_0", "f32"): 0.27, ("Q8_0", "int16"): 0.27, ("Q8_0", "bf16"): 0.43}
 
 
-@pytest.mark.parametrize("products, attention", sorted(HALF_VISION_BOUNDS))
-def test_a_half_precision_vision_tower_stays_near_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 products: str, attention: str) -> None:
-    if attention != "ggml" and attention not in kernels.runnable_paths():
-        pytest.skip(f"this CPU cannot run the {attention} attention path (not run)")
-    monkeypatch.setenv(kernels.ENVIRONMENT, attention)
-    if products == "F16" and products_for(int(F16), "flash" if attention == "ggml" else attention, True) == "bf16":
-        pytest.skip("this CPU multiplies F16 towers in BF16 beside this attention, so F16 products are not run")
+def half_vision_paths(label: str) -> Paths:
+    """The paths of one row of HALF_VISION_BOUNDS, on the widest instruction set this CPU runs each."""
+    if label == "ggml":
+        return GGML_PATHS
+    if label == "bf16":
+        bf16 = widest(Arithmetic.BF16, "attention")
+        if bf16 is None:
+            pytest.skip("this CPU has no BF16 attention (not run)")
+        return f32_paths(attention=bf16, products=GGML_BF16_PRODUCTS)
+    arithmetic = Arithmetic[label.upper()]
+    return f32_paths(attention=widest(Arithmetic.F32, "attention") if label == "f32" else widest(arithmetic, "attention"),
+                     products=widest(arithmetic, "products"))
+
+
+@pytest.mark.parametrize("vision_quant, label", sorted(HALF_VISION_BOUNDS))
+def test_a_half_precision_vision_tower_stays_near_the_reference(tmp_path: Path, vision_quant: str, label: str) -> None:
+    paths = half_vision_paths(label)
     directory = FIXTURES / "mllama" / "tiny-a"
     reference = json.loads((directory / "reference.json").read_text())
-    pair = convert(str(directory / "checkpoint"), tmp_path, quant="F32", vision_quant=products, progress=False)
-    model = load_model(pair.text, n_ctx=256)
+    pair = convert(str(directory / "checkpoint"), tmp_path, quant="F32", vision_quant=vision_quant, progress=False)
+    model = load_model(pair.text, n_ctx=256, kernel_paths=paths)
     try:
-        assert model.vision.tower.attention == ("flash" if attention == "ggml" else attention)
+        assert model.vision.tower.paths.attention == paths.attention
         with np.load(directory / "reference.npz") as expected:
             for case in (c for c in reference["cases"] if c["image"] is not None):
                 logits = model.logits(case["token_ids"], IMAGES / case["image"])
                 error = np.abs(logits - expected[f"logits/{case['name']}"]).max()
-                assert error < HALF_VISION_BOUNDS[products, attention], case["name"]
+                assert error < HALF_VISION_BOUNDS[vision_quant, label], case["name"]
     finally:
         model.close()
 
 
 def test_an_f16_tower_from_a_bf16_checkpoint_runs_exactly_as_its_bf16_conversion(tmp_path: Path) -> None:
-    if products_for(int(F16), kernels.chosen_path() or "flash", on_cpu=True) != "bf16":
-        pytest.skip("ggml's CPU backend has no AVX512_BF16 here: F16 towers keep F16 products (not run)")
+    paths = replace(GGML_PATHS, products=GGML_BF16_PRODUCTS)              # BF16 copies of the F16 matrices
     checkpoint = write_checkpoint(tmp_path / "bf16", small_config())        # BF16 weights, as Meta's
     logits = {}
     for vision_quant in ("F16", "BF16"):
         pair = convert(str(checkpoint), tmp_path / vision_quant, quant="F32", vision_quant=vision_quant,
                        progress=False)
-        model = load_model(pair.text, n_ctx=256)
+        model = load_model(pair.text, n_ctx=256, kernel_paths=paths)
         try:
-            assert model.vision.tower.products == ("bf16" if vision_quant == "F16" else "ggml")
+            assert model.vision.tower.paths.products == (GGML_BF16_PRODUCTS if vision_quant == "F16" else GGML_PRODUCTS)
             ids = model.tokenize("<|begin_of_text|><|image|>Describe it.")
             logits[vision_quant] = model.logits(ids, IMAGES / "rgb_173x97.png")
             assert ggml.struct(model.vision.tower.layers[0].attn_q).type == int(BF16)

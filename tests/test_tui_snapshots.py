@@ -14,6 +14,7 @@ from assistant.tui.app import LvaApp
 from assistant.tui.screens.help import HelpScreen
 from assistant.tui.screens.settings import SettingsScreen
 from assistant.tui.widgets.attachment_bar import AttachmentBar
+from assistant.tui.widgets.prompt_input import PromptInput
 from assistant.tui.widgets.status_bar import StatusBar
 from tests.test_tui import FIXTURES, install_tiny_model, paste, until
 from tests.test_tui import ready as chat_ready
@@ -23,8 +24,10 @@ SIZE = (120, 36)
 
 
 async def ready(pilot):
-    """The chat screen with the model loaded and the status bar naming its device."""
+    """The chat screen with the model loaded and the status bar naming its device; the input's cursor does
+    not blink, so a snapshot never catches it half way (shown or hidden by the clock)."""
     screen = await chat_ready(pilot)
+    screen.query_one(PromptInput).cursor_blink = False
     await until(lambda: screen.query_one(StatusBar).device == "CPU")
     await pilot.pause()
     return screen
@@ -37,6 +40,9 @@ def test_main_screen_with_an_image_attached(snap_compare):
         screen = await ready(pilot)
         await paste(pilot, str(IMAGE))
         await until(lambda: screen.attachment == Path(IMAGE) and screen.query_one(AttachmentBar).has_class("-attached"))
+        prompt = screen.query_one(PromptInput)
+        prompt.focus()                                    # the cursor is drawn where the input has focus
+        await until(lambda: screen.focused is prompt)
         await pilot.pause()
 
     assert snap_compare(LvaApp(), terminal_size=SIZE, run_before=run_before)

@@ -15,16 +15,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import platformdirs
-
-from assistant.store import APP_NAME
+from assistant.store import cache_dir
 
 DEFAULT_CAP_BYTES = 4 * 10**9
-
-
-def cache_dir() -> Path:
-    home = os.environ.get("LVA_HOME")
-    return Path(home) / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME))
 
 
 class FeatureCache:

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import sys
 from pathlib import Path
+from typing import Callable
 
 from assistant import store
 from assistant.chat.engine import DEFAULT_MAX_TOKENS, Sampling
@@ -53,17 +54,27 @@ def load(args: argparse.Namespace, text: Path | None = None):
     from assistant.chat.feature_cache import FeatureCache
 
     text = text or store.resolve_model(args.model)
-    progress = _report if args.verbose else None
-    model = load_model(text, n_ctx=args.ctx, n_threads=args.threads, progress=progress, feature_cache=FeatureCache(),
-                       **device_options(args))
+    model = load_model(text, n_ctx=args.ctx, n_threads=args.threads, progress=progress_line(args.verbose),
+                       feature_cache=FeatureCache(), **device_options(args))
     if args.verbose:
         print(f"lva: running on {model.placement.summary()}", file=sys.stderr)
     return model
 
 
-def _report(stage: str, fraction: float) -> None:
-    if fraction >= 1.0:
-        print(f"lva: {stage}: done", file=sys.stderr)
+def progress_line(verbose: bool = False) -> Callable[[str, float], None]:
+    """Progress on stderr: the one-time measurement of the CPU's kernels always (a few seconds, once per
+    machine and version: the user should know why the first start is slower), every stage with --verbose."""
+    from assistant.runtime.kernel_choice import MEASURING
+
+    def report(stage: str, fraction: float) -> None:
+        if stage == MEASURING and sys.stderr.isatty():
+            end = "\n" if fraction >= 1.0 else ""
+            print(f"\rlva: {stage} (once): {100 * fraction:3.0f} %", end=end, file=sys.stderr, flush=True)
+        elif stage == MEASURING and fraction in (0.0, 1.0):
+            print(f"lva: {stage} (once): {'started' if fraction == 0.0 else 'done'}", file=sys.stderr)
+        elif verbose and fraction >= 1.0:
+            print(f"lva: {stage}: done", file=sys.stderr)
+    return report
 
 
 def is_loopback(host: str) -> bool:

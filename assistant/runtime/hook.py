@@ -24,10 +24,10 @@ import numpy as np
 from assistant.runtime.placement import self_layer_before
 from models import ggml
 from models.ggml import F32, Graph
-from models.kernels import cpu as kernels
+from models.kernels.paths import GGML_CROSS_ATTENTION, KernelPath
 from models.mllama.cross_attention import Gates, cross_attention_layer
 from models.mllama.hparams import TextHParams
-from models.mllama.vision import ImageKV
+from models.mllama.image_kv import ImageKV
 from models.mllama.weights import CrossAttentionLayer
 
 EMBEDDINGS_NODE = b"embd"
@@ -61,8 +61,10 @@ class CrossAttentionHook:
 
     def __init__(self, backends: dict[int, ggml.Backend], layers: dict[int, CrossAttentionLayer],
                  gates: dict[int, Gates], hp: TextHParams, image_token_embedding: np.ndarray, image_token_id: int,
-                 n_self_layers: int) -> None:
+                 n_self_layers: int, cpu_path: KernelPath) -> None:
+        """`cpu_path`: how a decoded row's attention over the image runs where a point's layers are on the CPU."""
         self.layers, self.gates, self.hp = layers, gates, hp
+        self.cpu_path = cpu_path
         self.points = injection_points(list(layers))
         self.backends = {name: backends[indices[0]] for name, indices in self.points.items()}
         self.scratches = {backend: ggml.Scratch(backend) for backend in dict.fromkeys(self.backends.values())}
@@ -152,10 +154,10 @@ class CrossAttentionHook:
         g = Graph(64 * len(self.points[name]) + 8)
         x_in = g.input(F32, self.hp.hidden_size, n_rows, name="rows")
         x = x_in
-        kernel = kernels.chosen_path() if self.backends[name].is_cpu else None   # our kernels are CPU code
+        path = self.cpu_path if self.backends[name].is_cpu else GGML_CROSS_ATTENTION   # our kernels are CPU code
         for index in self.points[name]:
             x = cross_attention_layer(g, x, self.layers[index], self.gates[index],
-                                      self.image.keys[index], self.image.values_t[index], self.hp, kernel)
+                                      self.image.keys[index], self.image.values_t[index], self.hp, path)
         return g, x_in, g.output(g.cont(x) if x == x_in else x)
 
     def _drop_graphs(self) -> None:

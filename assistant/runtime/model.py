@@ -20,17 +20,18 @@ import numpy as np
 
 from assistant.images import ImageSource, PreprocessedImage, content_id, load_image, preprocess
 from assistant.store import find_vision_file
+from assistant.runtime import kernel_choice
+from assistant.runtime.errors import ModelError
 from assistant.runtime.hook import Batch, CrossAttentionHook
+from assistant.runtime.vision_file import VisionFile
 from assistant.runtime.devices import offload_devices
 from assistant.runtime.placement import Placement
 from models import ggml, rpc
 from models.gguf_tensors import GGUFError, GGUFTensors
-from models.kernels.cpu import KernelError
+from models.kernels.paths import GGML_PATHS, KernelError, Paths
 from models.mllama import gguf_keys as K
-from models.mllama.cross_attention import Gates
-from models.mllama.hparams import MllamaHParams
-from models.mllama.vision import Image, ImageKV, VisionTower, encode, new_image_kv
-from models.mllama.weights import CrossAttentionLayer, ImageToken, cross_attention_prefixes, cross_layer_of
+from models.mllama.image_kv import ImageKV
+from models.mllama.vision import Image, ImageEncoder
 
 Progress = Callable[[str, float], None]
 IMAGE_TOKEN = "<|image|>"
@@ -46,10 +47,6 @@ class FeatureStore(Protocol):
     def load(self, key: str) -> dict[str, np.ndarray] | None: ...
 
     def store(self, key: str, arrays: dict[str, np.ndarray]) -> None: ...
-
-
-class ModelError(ValueError):
-    """A model, prompt or image the runtime cannot use; the message is one line for the user."""
 
 
 def _route_llama_logs() -> None:
@@ -84,58 +81,14 @@ def _out_of_memory(lines: list[tuple[int, str]]) -> str | None:
     return next((text.strip() for level, text in lines if level == LOG_ERROR and "allocate" in text), None)
 
 
-class VisionFile:
-    """The vision GGUF on its devices: tower, cross layers, image-token embedding, hyperparameters.
-
-    Read in two steps: `VisionFile(path)` reads the hyperparameters, `load` places the weights.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.tensors = GGUFTensors(path)
-        meta = self.tensors.metadata
-        if meta.get("general.architecture") != K.ARCHITECTURE:
-            raise ModelError(f"{path.name} is not an lva vision file (architecture "
-                             f"{meta.get('general.architecture')!r})")
-        self.pair_id = meta.get(K.PAIR_ID)
-        self.hp = MllamaHParams.from_gguf_metadata(meta)
-
-        self.tower: VisionTower | None = None
-
-    def load(self, backend_of: Callable[[str], ggml.Backend], tower_on_cpu: bool, progress: Progress | None) -> None:
-        """Place every tensor on the backend `backend_of(name)` names (the tower's is the CPU or not)."""
-        # The cross layers run for every decoded token: on the CPU, give them its repacked layouts, as
-        # llama.cpp gives its own layers. The vision tower runs once per image and stays memory-mapped.
-        self.tensors.load(backend_of, (lambda f: progress("loading vision model", f)) if progress else None,
-                          repack=lambda name: cross_layer_of(name)[0] is not None)
-        try:
-            self.tower = VisionTower.load(self.tensors, self.hp.vision, on_cpu=tower_on_cpu)
-        except KernelError as exc:
-            raise ModelError(str(exc)) from None
-        self.cross_layers: dict[int, CrossAttentionLayer] = {}
-        self.gates: dict[int, Gates] = {}
-        for index in self.hp.text.cross_attention_layers:
-            prefix = cross_attention_prefixes(index)[0]
-            self.cross_layers[index] = self.tensors.fill(CrossAttentionLayer, prefix)
-            self.gates[index] = Gates.load(self.tensors, prefix)
-        weights_type = ggml.struct(next(iter(self.cross_layers.values())).attn_k).type
-        self.kv_type = ggml.F32 if weights_type == int(ggml.F32) else ggml.F16
-        info = next(t for t in self.tensors.reader.tensors if t.name == ImageToken.__dataclass_fields__["embd"]
-                    .metadata["gguf"])
-        self.image_token_embedding = np.asarray(info.data, dtype=np.float32).reshape(-1).copy()
-
-    def close(self) -> None:
-        if self.tower:
-            self.tower.close()
-        self.tensors.close()
-
-
 class MllamaModel:
     """See DESIGN.md, "The runtime contract". Not thread-safe: one caller at a time."""
 
     def __init__(self, text_path: Path, vision_path: Path | None, n_ctx: int = 4096, n_threads: int | None = None,
                  kv_cache_type: str | None = None, n_batch: int = 512, n_ubatch: int | None = None,
                  progress: Progress | None = None, feature_cache: FeatureStore | None = None,
-                 n_gpu_layers: int = ALL_LAYERS, rpc_servers: Sequence[str] = ()) -> None:
+                 n_gpu_layers: int = ALL_LAYERS, rpc_servers: Sequence[str] = (),
+                 kernel_paths: Paths | None = None) -> None:
         _route_llama_logs()
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
@@ -154,14 +107,19 @@ class MllamaModel:
         except rpc.RpcError as exc:
             raise ModelError(str(exc)) from None
         self._backends: dict[str, ggml.Backend] = {}
+        self._device_list = None                    # what llama.cpp's loader points to, kept alive with it
+        self._load_progress = None
         self._model = None
         self._model, self.placement = self._load_text(self.text_path, progress)
         self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type or self._default_kv_cache_type()]
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.vision: VisionFile | None = None
+        self.kernel_paths: Paths = GGML_PATHS       # what lva's CPU kernels run (`_kernel_paths`)
+        self._wanted_paths = kernel_paths
         self.hook: CrossAttentionHook | None = None
         self._scratch: ggml.Scratch | None = None
+        self._encoder: ImageEncoder | None = None
         self._images: OrderedDict[str, ImageKV] = OrderedDict()
         self._ctx = None
         self._ctx_tokens: list[int] = []
@@ -260,9 +218,13 @@ class MllamaModel:
                              f"separately); use the pair `lva convert` wrote together")
         self.placement = self.placement.with_cross_layers(vision.hp.text.cross_attention_layers)
         try:
+            self.kernel_paths = self._kernel_paths(vision, progress)
             vision.load(lambda name: self.backend_for(self.placement.device_of_vision_tensor(name)),
-                        self.vision_backend.is_cpu, progress)
+                        self.vision_backend.is_cpu, self.kernel_paths, progress)
         except (GGUFError, ModelError) as exc:
+            vision.close()
+            raise ModelError(str(exc)) from None
+        except KernelError as exc:
             vision.close()
             raise ModelError(str(exc)) from None
         except ggml.DeviceError as exc:
@@ -270,9 +232,24 @@ class MllamaModel:
             raise ModelError(f"{path.name} does not fit ({exc}); {self._fewer_layers_hint()}") from None
         self.vision = vision
         self._scratch = ggml.Scratch(self.vision_backend)
+        self._encoder = ImageEncoder(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
+                                     vision.kv_type)
         n_self = llama_cpp.llama_model_n_layer(self._model)
         self.hook = CrossAttentionHook(self.cross_backends, vision.cross_layers, vision.gates, vision.hp.text,
-                                       vision.image_token_embedding, vision.hp.image_token_id, n_self)
+                                       vision.image_token_embedding, vision.hp.image_token_id, n_self,
+                                       self.kernel_paths.cross_attention)
+
+    def _kernel_paths(self, vision: VisionFile, progress: Progress | None) -> Paths:
+        """The paths of lva's CPU kernels, measured on this machine (or kept from an earlier measurement),
+        where any part that runs them is on the CPU: a tower that is not F32, or cross layers with F16 image
+        K/V. An F32 pair is exact and runs ggml's own ops, so it needs no measurement."""
+        tower_on_cpu = self.vision_backend.is_cpu and vision.tower_type != int(ggml.F32)
+        cross_on_cpu = vision.kv_type == ggml.F16 and any(b.is_cpu for b in self.cross_backends.values())
+        if not (tower_on_cpu or cross_on_cpu):
+            return GGML_PATHS
+        if self._wanted_paths is not None:
+            return kernel_choice.checked(self._wanted_paths)
+        return kernel_choice.choose(self.n_threads, progress)
 
     @property
     def vision_backend(self) -> ggml.Backend:
@@ -340,7 +317,7 @@ class MllamaModel:
         cached = self.feature_cache.load(key) if self.feature_cache else None
         if cached is not None:
             try:
-                kv = new_image_kv(self.cross_backends, vision.hp, pre.num_tiles * v.num_patches, vision.kv_type)
+                kv = ImageKV.empty(self.cross_backends, vision.hp, pre.num_tiles * v.num_patches, vision.kv_type)
             except ggml.DeviceError as exc:
                 raise ModelError(f"the image cannot be kept on its device: {exc}") from None
             try:
@@ -353,9 +330,8 @@ class MllamaModel:
             self._evict_images()
             return key, kv
         try:
-            kv = encode(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
-                        Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles), vision.kv_type,
-                        (lambda f: progress("encoding image", f)) if progress else None, cancelled)
+            kv = self._encoder.encode(Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles),
+                                      (lambda f: progress("encoding image", f)) if progress else None, cancelled)
             if any(backend is not self.vision_backend for backend in self.cross_backends.values()):
                 kv = kv.moved_to(self.cross_backends, vision.hp)
         except ggml.DeviceError as exc:
@@ -625,16 +601,17 @@ def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | No
                n_threads: int | None = None, kv_cache_type: str | None = None, n_batch: int = 512,
                n_ubatch: int | None = None, progress: Progress | None = None,
                feature_cache: FeatureStore | None = None, n_gpu_layers: int = ALL_LAYERS,
-               rpc_servers: Sequence[str] = ()) -> MllamaModel:
+               rpc_servers: Sequence[str] = (), kernel_paths: Paths | None = None) -> MllamaModel:
     """Load a converted pair; the vision file is found beside the text file when not given.
 
     `kv_cache_type` (f32, f16, q8_0) follows the text weights unless given: F32 for an F32 file, else F16.
     `n_gpu_layers`: text layers llama.cpp offloads to the GPUs (the last ones; -1: all, 0: none; the output
     layer counts as one); lva's cross layers follow them (placement.py). `rpc_servers`: HOST:PORT of ggml
-    RPC servers whose devices join the offload devices, ahead of this machine's GPUs.
+    RPC servers whose devices join the offload devices, ahead of this machine's GPUs. `kernel_paths`: the
+    paths of lva's CPU kernels to run, instead of those measured fastest on this machine (benchmarks, tests).
     """
     text_path = Path(text_gguf)
     vision_path = Path(vision_gguf) if vision_gguf is not None else find_vision_file(text_path)
     return MllamaModel(text_path, vision_path, n_ctx=n_ctx, n_threads=n_threads, kv_cache_type=kv_cache_type,
                        n_batch=n_batch, n_ubatch=n_ubatch, progress=progress, feature_cache=feature_cache,
-                       n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers)
+                       n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, kernel_paths=kernel_paths)

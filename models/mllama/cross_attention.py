@@ -17,9 +17,10 @@ import numpy as np
 
 from models import ggml
 from models.ggml import Graph, Tensor
-from models.kernels import cpu as kernels
+from models.kernels import ops
+from models.kernels.paths import KernelPath
 from models.mllama.hparams import TextHParams
-from models.mllama.weights import CrossAttentionLayer
+from models.mllama.weights import CrossAttentionLayer, gguf_name
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class Gates:
 
     @classmethod
     def load(cls, tensors, prefix: str) -> Gates:
-        tanh = lambda name: float(np.tanh(np.float32(tensors.scalar(prefix + name))))  # noqa: E731
+        def tanh(field: str) -> float:
+            return float(np.tanh(np.float32(tensors.scalar(gguf_name(CrossAttentionLayer, field, prefix)))))
         return cls(attn=tanh("attn_gate"), mlp=tanh("mlp_gate"))
 
 
@@ -44,25 +46,18 @@ def image_key_value(g: Graph, image: Tensor, w: CrossAttentionLayer, hp: TextHPa
 
 
 def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Gates, key: Tensor, value_t: Tensor,
-                          hp: TextHParams, kernel: str | None = None) -> Tensor:
+                          hp: TextHParams, path: KernelPath) -> Tensor:
     """x [hidden, rows] -> x after the layer; `key`/`value_t` as `image_key_value` lays them out.
 
-    `kernel` names a path of our CPU cross-attention kernel (models/kernels), for graphs that run on the
-    CPU: it takes a decoded token's few rows over F16 K/V; other graphs run ggml's ops."""
+    `path` is how the attention over the image runs: our CPU kernel (`path.ours`, for graphs on the CPU)
+    takes a decoded token's few rows over F16 K/V; anything else runs ggml's ops."""
     hd, rows = hp.head_dim, ggml.shape(x)[1]
     kv_heads, group = hp.num_key_value_heads, hp.num_attention_heads // hp.num_key_value_heads
     h = g.rms_norm(x, w.attn_norm, hp.rms_norm_eps)
     q = g.rms_norm(g.reshape(g.mul_mat(w.attn_q, h), hd, group, kv_heads, rows), w.attn_q_norm, hp.rms_norm_eps)
     # The query heads of one KV head become columns of one product, so each image K/V is read once per step.
     q = g.reshape(g.cont(g.permute(q, 0, 1, 3, 2)), hd, group * rows, kv_heads)      # [hd, group*rows, kv]
-    if kernel and kernels.cross_attention_fits(hd, group * rows, ggml.struct(key).type):
-        attn = kernels.cross_attention(g, q, key, value_t, hd ** -0.5, kernel)      # [hd, group*rows, kv]
-    else:
-        # Q·Kᵀ with the image tokens as the wide side: ggml's CPU kernels run this orientation about 3x
-        # faster than a few query columns against a tall K (bench/cross_attention_bench.py).
-        scores = g.mul_mat(g.cast(q, ggml.struct(key).type), key)                     # [group*rows, tokens, kv]
-        scores = g.soft_max(g.cont(g.permute(scores, 1, 0, 2)), None, hd ** -0.5)    # [tokens, group*rows, kv]
-        attn = g.mul_mat(value_t, scores)
+    attn = image_attention(g, q, key, value_t, hd ** -0.5, path)                    # [hd, group*rows, kv]
     attn = g.reshape(attn, hd, group, rows, kv_heads)
     attn = g.cont(g.permute(attn, 0, 1, 3, 2))                                        # [hd, group, kv, rows]
     attn = g.mul_mat(w.attn_output, g.reshape(attn, hp.hidden_size, rows))
@@ -70,3 +65,17 @@ def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Ga
     h = g.rms_norm(x, w.ffn_norm, hp.rms_norm_eps)
     mlp = g.mul_mat(w.ffn_down, g.mul(g.silu(g.mul_mat(w.ffn_gate, h)), g.mul_mat(w.ffn_up, h)))
     return g.add(x, g.scale(mlp, gates.mlp))
+
+
+def image_attention(g: Graph, q: Tensor, key: Tensor, value_t: Tensor, scale: float, path: KernelPath) -> Tensor:
+    """softmax(scale q keyᵀ) value per KV head: [hd, n_q, kv] for q [hd, n_q, kv] (the query heads of a KV
+    head side by side). Our CPU kernel where `path` is ours and it fits (a decoded token's few rows over
+    F16 K/V), else ggml's ops."""
+    hd, n_q = ggml.shape(q)[:2]
+    if path.ours and ops.cross_attention_fits(hd, n_q, ggml.struct(key).type):
+        return ops.cross_attention(g, q, key, value_t, scale, path)
+    # Q·Kᵀ with the image tokens as the wide side: ggml's CPU kernels run this orientation about 3x
+    # faster than a few query columns against a tall K (bench/cross_attention_bench.py).
+    scores = g.mul_mat(g.cast(q, ggml.struct(key).type), key)                     # [n_q, tokens, kv]
+    scores = g.soft_max(g.cont(g.permute(scores, 1, 0, 2)), None, scale)          # [tokens, n_q, kv]
+    return g.mul_mat(value_t, scores)

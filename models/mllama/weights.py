@@ -59,6 +59,11 @@ def names(block: type, gguf_prefix: str = "", hf_prefix: str = "", ollama_prefix
         )
 
 
+def gguf_name(block: type, field_name: str, gguf_prefix: str = "") -> str:
+    """The GGUF name of one field of `block` (a gate read as a number, say)."""
+    return next(w.gguf for w in names(block, gguf_prefix) if w.field == field_name)
+
+
 # ---------------------------------------------------------------- text file: a plain llama GGUF
 
 TEXT_HF_PREFIX = "language_model.model."

@@ -1,0 +1,42 @@
+"""What the kernel tests share: every path lva's kernels have, and running one only where the CPU can."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.kernels import library
+from models.kernels.paths import Arithmetic, Isa, KernelPath, Paths
+
+ATTENTION = [KernelPath.parse(p) for p in ("f32@reference", "f32@avx2", "f32@avx512", "int16@avx2", "int16@avx512",
+                                     "bf16@avx512_bf16")]
+PRODUCTS = [KernelPath.parse(p) for p in ("f32@reference", "f32@avx2", "f32@avx512", "int16@reference", "int16@avx2",
+                                    "int16@avx512", "int8@reference", "int8@avx512")]
+F32 = [KernelPath.parse(p) for p in ("f32@reference", "f32@avx2", "f32@avx512")]        # the GELU, the cross-attention
+
+
+def require(path: KernelPath, op: str) -> None:
+    """Skip, naming the path, where this CPU cannot run it; the session's summary lists those (conftest.py)."""
+    if not library.runs(path, op):
+        pytest.skip(f"this CPU cannot run {path} (not run)")
+
+
+def widest(arithmetic: Arithmetic, op: str) -> KernelPath | None:
+    """The widest instruction set this CPU runs `arithmetic` on for `op`, or None."""
+    for isa in reversed(library.isas()):
+        if isa is Isa.AVX512_BF16 and arithmetic is not Arithmetic.BF16:
+            continue                                   # AVX-512's code, under another name
+        if library.runs(KernelPath(arithmetic, isa), op):
+            return KernelPath(arithmetic, isa)
+    return None
+
+
+def f32_paths(**others: KernelPath) -> Paths:
+    """Our kernels in F32 for every op (the closest to exact), on the widest instruction set, or as given;
+    skips the test where this CPU runs none of them."""
+    chosen = {op: widest(Arithmetic.F32, op) for op in ("attention", "products", "gelu", "cross_attention")}
+    chosen.update(others)
+    if None in chosen.values():
+        pytest.skip("this CPU runs none of lva's SIMD kernels (not run)")
+    for op, path in chosen.items():
+        require(path, op)
+    return Paths(**chosen)
