@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep the checkpoint, conversion and HF results")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
+    parser.add_argument("--paths", nargs="+", metavar="ATTENTION/PRODUCTS",
+                        help="only these rows (as LVA_ATTENTION/LVA_PRODUCTS name them), e.g. f32/int8")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,8 @@ def main() -> None:
     print(f"HF bf16 against HF fp32: {bound:.3g}", flush=True)
 
     rows = []
-    for attention, products in PATHS:
+    chosen = [tuple(p.split("/")) for p in args.paths] if args.paths else PATHS
+    for attention, products in chosen:
         found = lva_kv(text_files[0], picture, attention, products, args.threads)
         paths = str(found.pop("paths"))
         error = relative_error(found, references["float32"])

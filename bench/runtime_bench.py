@@ -479,9 +479,7 @@ def forget_image(model, key: str) -> None:
 
     Only that image: the others stay cached, so the decode runs later find every image encoded.
     """
-    kv = model._images.pop(key, None)
-    if kv is not None:
-        kv.close()
+    model.images.forget(key)
 
 
 def measure_encode(model, label: str, image: Image.Image, runs: int) -> Encode:

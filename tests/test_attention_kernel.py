@@ -47,7 +47,7 @@ SHAPES = [  # (tokens, real tokens, heads, head dim)
 BOUNDS = {(Arithmetic.F32, "standard"): 1e-6, (Arithmetic.F32, "peaked"): 4.5e-5,
           (Arithmetic.INT16, "standard"): 1.6e-3, (Arithmetic.INT16, "peaked"): 6.7e-3,
           (Arithmetic.BF16, "standard"): 1.1e-2, (Arithmetic.BF16, "peaked"): 5.6e-2}
-THREADS = (1, 2, 3)
+THREADS = (2, 1, 3)          # the work split never changes a result: checked on the shapes up to 2411 tokens
 # The scalar reference path is slow: a yardstick, run on the shapes up to 2411 tokens only.
 CASES = [(path, shape) for path in ATTENTION for shape in SHAPES if path.isa is not Isa.REFERENCE or shape[0] < 2500]
 
@@ -96,7 +96,7 @@ def test_each_path_stays_within_its_bound_of_exact_attention(path: KernelPath, s
     require(path, "attention")
     q, k, v, exact = problem(shape, scores)
     _, real, heads, _ = shape
-    results = [run_attention(path, q, k, v, heads, real, threads) for threads in THREADS]
+    results = [run_attention(path, q, k, v, heads, real, threads) for threads in THREADS[:1 if shape[0] > 2500 else 3]]
     error = np.abs(results[0] - exact).max()
     assert error < BOUNDS[path.arithmetic, scores], f"{path}: {error:.3g}"
     for other in results[1:]:                 # the work split never changes a result

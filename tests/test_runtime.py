@@ -14,7 +14,7 @@ from gguf import GGUFReader
 from assistant import ModelError, load_model
 from assistant.runtime import EncodeCancelled
 from assistant.images import ImageError
-from assistant.runtime.model import _stop_prefix_length
+from assistant.runtime.pieces import stop_prefix_length
 from convert.pipeline import convert
 from models import ggml
 from models.ggml import BF16, F16
@@ -285,9 +285,9 @@ def test_generation_streams_whole_characters_and_stops_at_stop_strings(tiny_a) -
 
 
 def test_a_stop_string_is_held_back_while_it_may_still_match() -> None:
-    assert _stop_prefix_length("hello <|e", ["<|eot|>"]) == 3
-    assert _stop_prefix_length("hello", ["<|eot|>"]) == 0
-    assert _stop_prefix_length("abcab", ["abx", "cabz"]) == 3
+    assert stop_prefix_length("hello <|e", ["<|eot|>"]) == 3
+    assert stop_prefix_length("hello", ["<|eot|>"]) == 0
+    assert stop_prefix_length("abcab", ["abx", "cabz"]) == 3
 
 
 def test_sampling_is_deterministic_with_a_seed(tiny_a) -> None:

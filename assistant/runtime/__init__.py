@@ -1,6 +1,7 @@
-"""Running mllama on llama.cpp: model loading, the cross-attention hook, sampling."""
+"""Running mllama on llama.cpp: model loading, the cross-attention hook, sampling, several answers at once."""
 
-from assistant.runtime.model import MllamaModel, ModelError, load_model
+from assistant.runtime.errors import ModelError
+from assistant.runtime.model import MllamaModel, load_model
 from models.mllama.vision import EncodeCancelled
 
 __all__ = ["EncodeCancelled", "MllamaModel", "ModelError", "load_model"]

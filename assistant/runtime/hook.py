@@ -31,6 +31,8 @@ from models.mllama.image_kv import ImageKV
 from models.mllama.weights import CrossAttentionLayer
 
 EMBEDDINGS_NODE = b"embd"
+MAX_DECODE_ROWS = 16                 # graphs of up to this many rows are kept and reused: decoding
+MAX_KEPT_GRAPHS = 64
 
 
 def injection_points(cross_layers: list[int]) -> dict[bytes, list[int]]:
@@ -51,9 +53,28 @@ class Batch:
 
     tokens: np.ndarray               # int32, the real ids (the image token included)
     positions: np.ndarray            # int32
+    sequences: np.ndarray            # int32: the sequence of each row
     outputs: np.ndarray              # bool: rows that produce logits
     cursor: int = 0                  # rows of earlier ubatches
     rows: slice = field(default_factory=lambda: slice(0, 0))
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The image a sequence sees, from the position of its first image token on."""
+
+    image: ImageKV
+    start: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of one sequence that see its image: rows first..first+count of those the point
+    changes."""
+
+    first: int
+    count: int
+    image: ImageKV
 
 
 class CrossAttentionHook:
@@ -71,25 +92,38 @@ class CrossAttentionHook:
         self.last_layer_node = f"l_out-{n_self_layers - 1}".encode()
         self.image_token_embedding = image_token_embedding
         self.image_token_id = image_token_id
-        self.image: ImageKV | None = None
-        self.image_start: int | None = None          # position of the first image token of the sequence
+        self.seen: dict[int, Seen] = {}              # sequence -> the image it sees
         self.batch: Batch | None = None
         self.active = False
         self.error: Exception | None = None
-        self.decode_graphs: dict[bytes, tuple[Graph, int, int, ggml.Scratch]] = {}
+        # Graphs of a few rows (decoding), kept per point and shape: built once, run every step.
+        self.decode_graphs: dict[tuple, tuple[Graph, int, int, ggml.Scratch]] = {}
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
-    def bind(self, image: ImageKV | None, image_start: int | None) -> None:
-        """The image the sequence sees from `image_start` on (None: a text-only sequence)."""
-        if image is not self.image:
+    def bind(self, sequence: int, image: ImageKV | None, image_start: int | None = None) -> None:
+        """The image `sequence` sees from position `image_start` on (None: a text-only sequence)."""
+        current = self.seen.get(sequence)
+        if current is not None and (image is None or current.image is not image):
             self._drop_graphs()
-        self.image, self.image_start = image, image_start
+        if image is None:
+            self.seen.pop(sequence, None)
+        else:
+            self.seen[sequence] = Seen(image, image_start)
+
+    @property
+    def bound_images(self) -> list[ImageKV]:
+        return [seen.image for seen in self.seen.values()]
 
     def prepare(self, batch: Batch) -> None:
-        """Called before each llama_decode: rows before the first image token need nothing from us."""
+        """Called before each llama_decode: rows before their sequence's first image token need nothing from us."""
         self.batch = batch
-        self.active = (self.image is not None and self.image_start is not None
-                       and int(batch.positions.max()) >= self.image_start)
+        self.active = bool(self._seeing(batch.sequences, batch.positions).any())
+
+    def _seeing(self, sequences: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Whether each row sees an image: its sequence has one, and the row is at or after its start."""
+        starts = np.array([self.seen[s].start if s in self.seen else np.iinfo(np.int32).max
+                           for s in sequences.tolist()], dtype=np.int64)
+        return positions >= starts
 
     def _on_node(self, tensor: int, ask: bool, _user_data) -> bool:
         if not self.active:
@@ -111,53 +145,79 @@ class CrossAttentionHook:
         if name == EMBEDDINGS_NODE:
             batch.rows = slice(batch.cursor, batch.cursor + n_rows)
             batch.cursor += n_rows
-            rows = np.arange(batch.rows.start, batch.rows.stop)
-        else:
-            rows = np.arange(batch.rows.start, batch.rows.stop)
-            if name == self.last_layer_node and n_rows != len(rows):
-                rows = rows[batch.outputs[batch.rows]]
+        rows = np.arange(batch.rows.start, batch.rows.stop)
+        if name == self.last_layer_node and n_rows != len(rows):
+            rows = rows[batch.outputs[batch.rows]]
         if len(rows) != n_rows:
             raise RuntimeError(f"cross-attention hook lost track of rows at {name.decode()}")
-        seeing = batch.positions[rows] >= self.image_start
+        seeing = self._seeing(batch.sequences[rows], batch.positions[rows])
         if not seeing.any():
             return
         if name not in self.points and not (batch.tokens[rows] == self.image_token_id).any():
             return                               # the embeddings, and no image token among them: nothing to do
-        first = int(np.argmax(seeing))                # rows at or after the image start form a suffix
-        x = np.empty((n_rows - first, n_embd), dtype=np.float32)
+        first, last = int(np.argmax(seeing)), n_rows - int(np.argmax(seeing[::-1]))   # the rows that change
+        x = np.empty((last - first, n_embd), dtype=np.float32)
         row_bytes = n_embd * 4
         ggml.read_rows(tensor, x, first * row_bytes)
         if name == EMBEDDINGS_NODE:
-            x[batch.tokens[rows[first:]] == self.image_token_id] = self.image_token_embedding
+            x[batch.tokens[rows[first:last]] == self.image_token_id] = self.image_token_embedding
         if name in self.points:
-            x = self._cross_layers(name, x)
+            x = self._cross_layers(name, x, self._segments(rows[first:last], seeing[first:last]))
         ggml.write_rows(tensor, x, first * row_bytes)
 
-    def _cross_layers(self, name: bytes, x: np.ndarray) -> np.ndarray:
-        """Run the layers at one point. The one-row graph of each point (decoding) is built once per image
-        with its own scratch memory; other shapes are built, run and dropped (a graph keeps the addresses
-        its scratch gave it, so graphs may share scratch memory only one at a time)."""
-        if x.shape[0] == 1:
-            if name not in self.decode_graphs:
-                self.decode_graphs[name] = (*self._build(name, 1), ggml.Scratch(self.backends[name]))
-            g, x_in, x_out, scratch = self.decode_graphs[name]
-            scratch.run(g, {x_in: x})
-            return ggml.tensor_get(x_out).reshape(x.shape)
-        g, x_in, x_out = self._build(name, x.shape[0])
-        try:
-            self.scratches[self.backends[name]].run(g, {x_in: x})
-            return ggml.tensor_get(x_out).reshape(x.shape)
-        finally:
-            g.close()
+    def _segments(self, rows: np.ndarray, seeing: np.ndarray) -> list[Segment]:
+        """The runs of consecutive rows of one sequence that see its image, and of rows that see none (an
+        image of None: they pass through unchanged)."""
+        sequences = self.batch.sequences[rows]
+        segments: list[Segment] = []
+        for i, (sequence, sees) in enumerate(zip(sequences.tolist(), seeing.tolist())):
+            image = self.seen[sequence].image if sees else None
+            if segments and segments[-1].image is image:          # rows that see the same image: one run
+                segments[-1] = Segment(segments[-1].first, segments[-1].count + 1, image)
+            else:
+                segments.append(Segment(i, 1, image))
+        return segments
 
-    def _build(self, name: bytes, n_rows: int) -> tuple[Graph, int, int]:
-        g = Graph(64 * len(self.points[name]) + 8)
-        x_in = g.input(F32, self.hp.hidden_size, n_rows, name="rows")
+    def _cross_layers(self, name: bytes, x: np.ndarray, segments: list[Segment]) -> np.ndarray:
+        """Run the layers at one point over the rows that see an image (rows that see none are copied
+        through). The graph of a few rows (decoding) is built once per shape and kept with its own scratch
+        memory; other shapes are built, run and dropped (a graph keeps the addresses its scratch gave it,
+        so graphs may share scratch memory only one at a time)."""
+        seeing = [s for s in segments if s.image is not None]
+        rows = np.concatenate([x[s.first:s.first + s.count] for s in seeing]) if len(seeing) < len(segments) else x
+        shape = [(s.count, s.image) for s in seeing]
+        if len(rows) <= MAX_DECODE_ROWS:
+            key = (name, *((count, id(image)) for count, image in shape))
+            if key not in self.decode_graphs and len(self.decode_graphs) >= MAX_KEPT_GRAPHS:
+                self._drop_graphs()                       # the batch's make-up keeps changing: start again
+            if key not in self.decode_graphs:
+                self.decode_graphs[key] = (*self._build(name, shape), ggml.Scratch(self.backends[name]))
+            g, x_in, x_out, scratch = self.decode_graphs[key]
+            scratch.run(g, {x_in: rows})
+            out = ggml.tensor_get(x_out).reshape(rows.shape)
+        else:
+            g, x_in, x_out = self._build(name, shape)
+            try:
+                self.scratches[self.backends[name]].run(g, {x_in: rows})
+                out = ggml.tensor_get(x_out).reshape(rows.shape)
+            finally:
+                g.close()
+        if len(seeing) == len(segments):
+            return out
+        result, taken = x.copy(), 0
+        for s in seeing:
+            result[s.first:s.first + s.count] = out[taken:taken + s.count]
+            taken += s.count
+        return result
+
+    def _build(self, name: bytes, shape: list[tuple[int, ImageKV]]) -> tuple[Graph, int, int]:
+        g = Graph(64 * len(self.points[name]) * len(shape) + 8)
+        x_in = g.input(F32, self.hp.hidden_size, sum(count for count, _ in shape), name="rows")
         x = x_in
         path = self.cpu_path if self.backends[name].is_cpu else GGML_CROSS_ATTENTION   # our kernels are CPU code
         for index in self.points[name]:
-            x = cross_attention_layer(g, x, self.layers[index], self.gates[index],
-                                      self.image.keys[index], self.image.values_t[index], self.hp, path)
+            images = [(count, image.keys[index], image.values_t[index]) for count, image in shape]
+            x = cross_attention_layer(g, x, self.layers[index], self.gates[index], images, self.hp, path)
         return g, x_in, g.output(g.cont(x) if x == x_in else x)
 
     def _drop_graphs(self) -> None:

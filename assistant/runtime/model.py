@@ -2,83 +2,59 @@
 
 The text file is a plain llama model decoded by llama.cpp; the vision file's tower and cross-attention
 layers run as ggml graphs on the devices llama.cpp uses (placement.py says which part goes where), joined
-to the decoder by `CrossAttentionHook`.
+to the decoder by `CrossAttentionHook`. This class decodes one sequence at a time (the chat app, `lva ask`,
+the Python API); `ParallelDecoder` (parallel.py) decodes several together over the same model.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
-from collections import OrderedDict
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import llama_cpp
 import numpy as np
 
-from assistant.images import ImageSource, PreprocessedImage, content_id, load_image, preprocess
-from assistant.store import find_vision_file
-from assistant.runtime import kernel_choice
+from assistant.images import ImageSource, PreprocessedImage, load_image, preprocess
+from assistant.runtime import kernel_choice, llama_log
+from assistant.runtime.devices import offload_devices
 from assistant.runtime.errors import ModelError
 from assistant.runtime.hook import Batch, CrossAttentionHook
-from assistant.runtime.vision_file import VisionFile
-from assistant.runtime.devices import offload_devices
+from assistant.runtime.image_store import FeatureStore, ImageStore
+from assistant.runtime.pieces import TextPieces
 from assistant.runtime.placement import Placement
+from assistant.runtime.vision_file import VisionFile
+from assistant.store import find_vision_file
 from models import ggml, rpc
-from models.gguf_tensors import GGUFError, GGUFTensors
+from models.gguf_tensors import GGUFError
 from models.kernels.paths import GGML_PATHS, KernelError, Paths
 from models.mllama import gguf_keys as K
 from models.mllama.image_kv import ImageKV
-from models.mllama.vision import Image, ImageEncoder
+from models.mllama.vision import ImageEncoder
 
 Progress = Callable[[str, float], None]
 IMAGE_TOKEN = "<|image|>"
-IMAGE_CACHE_SIZE = 4
 KV_CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 ALL_LAYERS = -1                                   # llama.cpp's n_gpu_layers for "offload everything"
-LOG_ERROR = 4                                     # GGML_LOG_LEVEL_ERROR
+SOLO = 0                                          # the sequence of the one-at-a-time API
 
 
-class FeatureStore(Protocol):
-    """Where encoded images outlive the process (assistant.chat.feature_cache.FeatureCache)."""
+@dataclass(frozen=True)
+class SamplingParams:
+    """llama.cpp's samplers for one answer (temperature <= 0: greedy). `grammar` (GBNF, root rule `root`)
+    constrains what may be sampled, e.g. to JSON; the end of the turn is then allowed only where the
+    grammar is complete."""
 
-    def load(self, key: str) -> dict[str, np.ndarray] | None: ...
-
-    def store(self, key: str, arrays: dict[str, np.ndarray]) -> None: ...
-
-
-def _route_llama_logs() -> None:
-    """llama.cpp logs every tensor it loads on stderr; lva keeps quiet, reads what it needs, reports errors itself."""
-    global _LOG_CALLBACK
-    _LOG_CALLBACK = llama_cpp.llama_log_callback(_on_llama_log)
-    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-
-
-def _on_llama_log(level: int, text: bytes, _user_data) -> None:
-    if _LOG_LINES is not None:
-        _LOG_LINES.append((level, text.decode(errors="replace")))
-
-
-_LOG_CALLBACK = None
-_LOG_LINES: list[tuple[int, str]] | None = None
-
-
-@contextmanager
-def _llama_log() -> Iterator[list[tuple[int, str]]]:
-    """(level, text) of what llama.cpp and ggml log while the block runs."""
-    global _LOG_LINES
-    _LOG_LINES = lines = []
-    try:
-        yield lines
-    finally:
-        _LOG_LINES = None
-
-
-def _out_of_memory(lines: list[tuple[int, str]]) -> str | None:
-    """llama.cpp's own words when an allocation failed, else None."""
-    return next((text.strip() for level, text in lines if level == LOG_ERROR and "allocate" in text), None)
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    grammar: str | None = None
 
 
 class MllamaModel:
@@ -89,13 +65,12 @@ class MllamaModel:
                  progress: Progress | None = None, feature_cache: FeatureStore | None = None,
                  n_gpu_layers: int = ALL_LAYERS, rpc_servers: Sequence[str] = (),
                  kernel_paths: Paths | None = None) -> None:
-        _route_llama_logs()
+        llama_log.route()
         llama_cpp.llama_backend_init()
         self.n_ctx = n_ctx
         self.n_batch = n_batch                      # tokens per llama_decode call (at most n_ctx)
         self.n_ubatch = min(n_batch, n_ubatch or n_batch)   # llama.cpp splits each call into these
         self.prompt_tokens_evaluated = 0            # by the last generate call: what the KV cache could not reuse
-        self.images_encoded = 0                     # runs of the vision encoder (cache hits do not count)
         self.feature_cache = feature_cache
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
@@ -119,8 +94,7 @@ class MllamaModel:
         self._wanted_paths = kernel_paths
         self.hook: CrossAttentionHook | None = None
         self._scratch: ggml.Scratch | None = None
-        self._encoder: ImageEncoder | None = None
-        self._images: OrderedDict[str, ImageKV] = OrderedDict()
+        self.images: ImageStore | None = None
         self._ctx = None
         self._ctx_tokens: list[int] = []
         self._ctx_image: str | None = None
@@ -145,10 +119,10 @@ class MllamaModel:
                 return True
             self._load_progress = llama_cpp.llama_progress_callback(on_progress)
             params.progress_callback = self._load_progress
-        with _llama_log() as log:
+        with llama_log.collected() as log:
             model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
-            out_of_memory = _out_of_memory(log)
+            out_of_memory = llama_log.out_of_memory(log)
             if out_of_memory:
                 raise ModelError(f"{path.name} does not fit ({out_of_memory}); {self._fewer_layers_hint()}")
             raise ModelError(f"{path.name} could not be loaded by llama.cpp (not a GGUF text model, or truncated)")
@@ -232,12 +206,14 @@ class MllamaModel:
             raise ModelError(f"{path.name} does not fit ({exc}); {self._fewer_layers_hint()}") from None
         self.vision = vision
         self._scratch = ggml.Scratch(self.vision_backend)
-        self._encoder = ImageEncoder(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
-                                     vision.kv_type)
         n_self = llama_cpp.llama_model_n_layer(self._model)
         self.hook = CrossAttentionHook(self.cross_backends, vision.cross_layers, vision.gates, vision.hp.text,
                                        vision.image_token_embedding, vision.hp.image_token_id, n_self,
                                        self.kernel_paths.cross_attention)
+        encoder = ImageEncoder(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
+                               vision.kv_type)
+        self.images = ImageStore(vision, encoder, self.vision_backend, self.cross_backends, self.feature_cache,
+                                 lambda: self.hook.bound_images)
 
     def _kernel_paths(self, vision: VisionFile, progress: Progress | None) -> Paths:
         """The paths of lva's CPU kernels, measured on this machine (or kept from an earlier measurement),
@@ -304,59 +280,30 @@ class MllamaModel:
 
         `cancelled()` is asked between the encoder's stages (about a second apart on a CPU); when it says
         True, EncodeCancelled is raised and nothing is kept."""
-        vision = self._require_vision()
-        picture = load_image(image)
-        key = f"{content_id(picture)}:{vision.pair_id}"
-        if key in self._images:
-            self._images.move_to_end(key)
-            return key, self._images[key]
-        v = vision.hp.vision
-        pre = preprocess(picture, vision.hp.preprocessing, v.image_size, v.max_num_tiles, v.supported_aspect_ratios)
-        if progress:
-            progress("encoding image", 0.0)          # preprocessed: the encoder's stages follow
-        cached = self.feature_cache.load(key) if self.feature_cache else None
-        if cached is not None:
-            try:
-                kv = ImageKV.empty(self.cross_backends, vision.hp, pre.num_tiles * v.num_patches, vision.kv_type)
-            except ggml.DeviceError as exc:
-                raise ModelError(f"the image cannot be kept on its device: {exc}") from None
-            try:
-                kv.load_arrays(cached)
-            except (KeyError, ValueError):                # an entry from another layout: encode instead
-                kv.close()
-                cached = None
-        if cached is not None:
-            self._images[key] = kv
-            self._evict_images()
-            return key, kv
-        try:
-            kv = self._encoder.encode(Image(pre.pixels, pre.aspect_ratio_id, pre.num_tiles),
-                                      (lambda f: progress("encoding image", f)) if progress else None, cancelled)
-            if any(backend is not self.vision_backend for backend in self.cross_backends.values()):
-                kv = kv.moved_to(self.cross_backends, vision.hp)
-        except ggml.DeviceError as exc:
-            raise ModelError(f"the image cannot be encoded: {exc}") from None
-        self._images[key] = kv
-        self.images_encoded += 1
-        if self.feature_cache:
-            self.feature_cache.store(key, kv.to_arrays())
-        self._evict_images()
-        return key, kv
+        return self._require_images().encode(image, progress, cancelled)
 
-    def _evict_images(self) -> None:
-        bound = self.hook.image if self.hook else None
-        for key in list(self._images):
-            if len(self._images) <= IMAGE_CACHE_SIZE:
-                break
-            if self._images[key] is not bound:
-                self._images.pop(key).close()
+    def image_encoding(self, image: ImageSource):
+        """The encode of `encode_image` one stage at a time (a generator returning (key, K/V))."""
+        return self._require_images().encoding(image)
+
+    def image_key(self, image: ImageSource) -> str:
+        return self._require_images().key(image)
+
+    @property
+    def images_encoded(self) -> int:
+        """Runs of the vision encoder (cache hits do not count)."""
+        return self.images.encoded if self.images else 0
 
     def _require_vision(self) -> VisionFile:
         if self.vision is None:
             raise ModelError(f"{self.text_path.name} has no vision file, so it cannot look at images")
         return self.vision
 
-    # ------------------------------------------------------------------------------------------ decoding
+    def _require_images(self) -> ImageStore:
+        self._require_vision()
+        return self.images
+
+    # ------------------------------------------------------------------------------------------ contexts and batches
 
     def set_context_length(self, n_ctx: int) -> None:
         """Decode in contexts of `n_ctx` tokens from now on. A change drops the kept context, so the next
@@ -370,80 +317,123 @@ class MllamaModel:
             self._ctx, self._ctx_tokens, self._ctx_image = None, [], None
         self.n_ctx = n_ctx
 
-    def _new_context(self, n_ctx: int):
+    def new_context(self, n_ctx: int, sequences: int = 1, n_batch: int | None = None):
+        """A llama.cpp context of `n_ctx` cells for up to `sequences` sequences, in one unified KV cache (so
+        llama.cpp keeps a batch's rows in order: the hook counts them). The caller frees it (llama_free)."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
-        params.n_batch, params.n_ubatch = min(n_ctx, self.n_batch), min(n_ctx, self.n_ubatch)
+        batch = min(n_ctx, n_batch or self.n_batch)
+        params.n_batch, params.n_ubatch = batch, min(batch, self.n_ubatch)
+        params.n_seq_max, params.kv_unified = sequences, True
         params.n_threads = params.n_threads_batch = self.n_threads
         params.type_k = params.type_v = self.kv_cache_type
         if self.kv_cache_type == llama_cpp.GGML_TYPE_F32:      # exact mode: llama.cpp's CPU flash attention is F16
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if self.hook is not None:
             params.cb_eval = self.hook.callback
-        with _llama_log() as log:
+        with llama_log.collected() as log:
             ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
-            out_of_memory = _out_of_memory(log)
+            out_of_memory = llama_log.out_of_memory(log)
             if out_of_memory:
                 raise ModelError(f"a context of {n_ctx} tokens does not fit ({out_of_memory}); a smaller --ctx "
                                  f"may fit, or {self._fewer_layers_hint()}")
             raise ModelError(f"could not create a llama.cpp context of {n_ctx} tokens")
         return ctx
 
-    def _bind(self, token_ids: Sequence[int], image: ImageSource | None,
-              progress: Progress | None) -> tuple[str | None, int | None]:
-        """Encode the image (if any) and find where the sequence starts seeing it."""
-        has_token = self.image_token_id in token_ids
-        if image is None:
-            if self.hook is not None:
-                self.hook.bind(None, None)
-            if has_token:
-                raise ModelError(f"the prompt has {IMAGE_TOKEN} but no image was given")
-            return None, None
-        if not has_token:
-            raise ModelError(f"an image was given but the prompt has no {IMAGE_TOKEN} token to bind it to")
-        key, kv = self.encode_image(image, progress)
-        self.hook.bind(kv, list(token_ids).index(self.image_token_id))
-        return key, self.hook.image_start
-
-    def _decode(self, ctx, token_ids: Sequence[int], start: int, outputs: np.ndarray,
-                on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
-        """Evaluate `token_ids` at positions start.. in batches; `on_logits(rows, logits)` per batch."""
-        n_batch = min(self.n_batch, llama_cpp.llama_n_batch(ctx))
-        tokens = np.asarray(token_ids, dtype=np.int32)
+    def check_tokens(self, token_ids: Sequence[int], image: ImageSource | None) -> None:
+        """A prompt's ids are the model's, and it has an image token exactly when it has an image."""
+        if image is not None:
+            self._require_vision()
+        tokens = np.asarray(token_ids, dtype=np.int64)
         if tokens.size and (tokens.max() > self.image_token_id or tokens.min() < 0 or
                             (tokens.max() == self.image_token_id and self.vision is None)):
             raise ModelError("a token id is outside the model's vocabulary")
-        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        has_token = self.image_token_id in token_ids
+        if image is None and has_token:
+            raise ModelError(f"the prompt has {IMAGE_TOKEN} but no image was given")
+        if image is not None and not has_token:
+            raise ModelError(f"an image was given but the prompt has no {IMAGE_TOKEN} token to bind it to")
+
+    def evaluate(self, ctx, runs: Sequence[tuple[int, int, Sequence[int], bool]]) -> list[int]:
+        """One llama_decode of runs of rows, each (sequence, first position, ids, whether its last row gives
+        logits); returns, per run, the batch index of that row (-1 where none), for `sample` or logits."""
+        n_rows = sum(len(ids) for _, _, ids, _ in runs)
+        tokens, positions = np.empty(n_rows, np.int32), np.empty(n_rows, np.int32)
+        sequences, outputs = np.empty(n_rows, np.int32), np.zeros(n_rows, bool)
+        batch, at, indices = llama_cpp.llama_batch_init(n_rows, 0, 1), 0, []
         try:
-            for first in range(0, len(tokens), n_batch):
-                chunk = tokens[first:first + n_batch]
-                wanted = outputs[first:first + n_batch]
-                for i, token in enumerate(chunk):
-                    batch.token[i] = 0 if token == self.image_token_id else int(token)   # placeholder id
-                    batch.pos[i] = start + first + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = bool(wanted[i])
-                batch.n_tokens = len(chunk)
-                if self.hook is not None:
-                    self.hook.error = None
-                    self.hook.prepare(Batch(chunk, np.arange(start + first, start + first + len(chunk),
-                                                             dtype=np.int32), wanted))
-                status = llama_cpp.llama_decode(ctx, batch)
-                if self.hook is not None and self.hook.error is not None:
-                    if isinstance(self.hook.error, ggml.DeviceError):
-                        raise ModelError(f"a cross-attention layer cannot run: {self.hook.error}") from None
-                    raise self.hook.error
-                if status != 0:
-                    raise ModelError(f"llama.cpp could not evaluate the prompt (status {status}; "
-                                     f"context of {self.n_ctx} tokens full?)")
-                if on_logits is not None and wanted.any():
-                    n_out = int(wanted.sum())
-                    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n_out, self.n_vocab))
-                    on_logits(np.flatnonzero(wanted) + first, logits.copy())
+            for sequence, start, ids, logits in runs:
+                for i, token in enumerate(ids):
+                    batch.token[at] = 0 if token == self.image_token_id else int(token)   # a placeholder id
+                    batch.pos[at] = positions[at] = start + i
+                    batch.n_seq_id[at] = 1
+                    batch.seq_id[at][0] = sequences[at] = sequence
+                    batch.logits[at] = outputs[at] = logits and i == len(ids) - 1
+                    tokens[at] = token
+                    at += 1
+                indices.append(at - 1 if logits else -1)
+            batch.n_tokens = n_rows
+            if self.hook is not None:
+                self.hook.error = None
+                self.hook.prepare(Batch(tokens, positions, sequences, outputs))
+            status = llama_cpp.llama_decode(ctx, batch)
+            if self.hook is not None and self.hook.error is not None:
+                if isinstance(self.hook.error, ggml.DeviceError):
+                    raise ModelError(f"a cross-attention layer cannot run: {self.hook.error}") from None
+                raise self.hook.error
+            if status != 0:
+                raise ModelError(f"llama.cpp could not evaluate the prompt (status {status}; context full?)")
         finally:
             llama_cpp.llama_batch_free(batch)
+        return indices
+
+    def row_logits(self, ctx, index: int) -> np.ndarray:
+        """float32 [n_vocab]: the logits of batch row `index` of the last evaluation."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,)).copy()
+
+    def forget(self, ctx, sequence: int, keep: int) -> None:
+        """Drop a sequence's cells from position `keep` on."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), sequence, keep, -1)
+
+    def bind_image(self, sequence: int, image: ImageKV | None, image_start: int | None = None) -> None:
+        """What `sequence` sees from position `image_start` on (None: no image)."""
+        if self.hook is not None:
+            self.hook.bind(sequence, image, image_start)
+
+    def new_sampler(self, params: SamplingParams):
+        """A llama.cpp sampler chain; the caller frees it (llama_sampler_free)."""
+        return self._sampler(params.temperature, params.top_p, params.top_k, params.min_p, params.repeat_penalty,
+                             params.repeat_last_n, params.seed, params.grammar)
+
+    def sample(self, sampler, ctx, index: int) -> int:
+        """The next id from batch row `index`'s logits (the sampler accepts it)."""
+        return llama_cpp.llama_sampler_sample(sampler, ctx, index)
+
+    # ------------------------------------------------------------------------------------------ one sequence
+
+    def _bind(self, token_ids: Sequence[int], image: ImageSource | None,
+              progress: Progress | None) -> str | None:
+        """Encode the image (if any) and bind it where the sequence starts seeing it; the image's key."""
+        self.check_tokens(token_ids, image)
+        if image is None:
+            self.bind_image(SOLO, None)
+            return None
+        key, kv = self.encode_image(image, progress)
+        self.bind_image(SOLO, kv, list(token_ids).index(self.image_token_id))
+        return key
+
+    def _decode(self, ctx, token_ids: Sequence[int], start: int, outputs: np.ndarray,
+                on_logits: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
+        """Evaluate `token_ids` at positions start.. in batches of n_batch; `on_logits(rows, logits)` per batch."""
+        n_batch = min(self.n_batch, llama_cpp.llama_n_batch(ctx))
+        for first in range(0, len(token_ids), n_batch):
+            chunk, wanted = list(token_ids[first:first + n_batch]), outputs[first:first + n_batch]
+            runs = [(SOLO, start + first + i, [token], bool(w)) for i, (token, w) in enumerate(zip(chunk, wanted))]
+            indices = [i for i in self.evaluate(ctx, runs) if i >= 0]
+            if on_logits is not None and indices:
+                logits = np.stack([self.row_logits(ctx, i) for i in indices])
+                on_logits(np.flatnonzero(wanted) + first, logits)
 
     def logits(self, token_ids: Sequence[int], image: ImageSource | None = None) -> np.ndarray:
         """float32 [len(token_ids), n_vocab]: every position, from a fresh context."""
@@ -453,7 +443,7 @@ class MllamaModel:
         def keep(rows: np.ndarray, logits: np.ndarray) -> None:
             out[rows] = logits
 
-        ctx = self._new_context(max(256, -(-len(token_ids) // 256) * 256))
+        ctx = self.new_context(max(256, -(-len(token_ids) // 256) * 256))
         try:
             self._decode(ctx, token_ids, 0, np.ones(len(token_ids), dtype=bool), keep)
         finally:
@@ -465,16 +455,10 @@ class MllamaModel:
         if len(token_ids) > self.n_ctx:
             raise ModelError(f"the prompt has {len(token_ids)} tokens; the context holds {self.n_ctx}")
         if self._ctx is None:
-            self._ctx = self._new_context(self.n_ctx)
+            self._ctx = self.new_context(self.n_ctx)
             self._ctx_tokens, self._ctx_image = [], None
-        keep = 0
-        for old, new in zip(self._ctx_tokens, token_ids[:-1]):
-            if old != new:
-                break
-            keep += 1
-        if image_key != self._ctx_image and self.image_token_id in self._ctx_tokens[:keep]:
-            keep = self._ctx_tokens.index(self.image_token_id)       # rows before the image do not depend on it
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, keep, -1)
+        keep = reusable_prefix(self._ctx_tokens, self._ctx_image, token_ids, image_key, self.image_token_id)
+        self.forget(self._ctx, SOLO, keep)
         self._ctx_tokens, self._ctx_image = self._ctx_tokens[:keep], image_key
         last: list[np.ndarray] = []
         outputs = np.zeros(len(token_ids) - keep, dtype=bool)
@@ -486,7 +470,7 @@ class MllamaModel:
 
     def next_token_logits(self, token_ids: Sequence[int], image: ImageSource | None = None) -> np.ndarray:
         """float32 [n_vocab] after `token_ids`, evaluated in the kept context: only what it lacks is evaluated."""
-        image_key, _ = self._bind(token_ids, image, None)
+        image_key = self._bind(token_ids, image, None)
         return self._prefill(list(token_ids), image_key)
 
     def generate_tokens(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
@@ -494,19 +478,16 @@ class MllamaModel:
                         repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
                         grammar: str | None = None, stop_at_end_of_turn: bool = True,
                         progress: Progress | None = None) -> Iterator[int]:
-        """Sampled token ids, one at a time, with llama.cpp's samplers (temperature <= 0: greedy).
-
-        `grammar` (GBNF, root rule `root`) constrains what may be sampled, e.g. to JSON; the end of the turn is
-        then allowed only where the grammar is complete.
-        """
+        """Sampled token ids, one at a time, with llama.cpp's samplers (`SamplingParams`)."""
         if not token_ids:
             raise ModelError("the prompt is empty")
-        image_key, _ = self._bind(token_ids, image, progress)
-        sampler = self._sampler(temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n, seed, grammar)
+        image_key = self._bind(token_ids, image, progress)
+        sampler = self.new_sampler(SamplingParams(temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
+                                                  seed, grammar))
         try:
             self._prefill(list(token_ids), image_key)
             for _ in range(max_tokens):
-                token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
+                token = self.sample(sampler, self._ctx, -1)
                 if stop_at_end_of_turn and self.is_end_of_turn(token):
                     return
                 yield token
@@ -524,24 +505,18 @@ class MllamaModel:
 
         `on_token` sees every sampled id (the end-of-turn token excepted), for callers that keep the ids.
         """
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
+        pieces = TextPieces(self.token_bytes, stop)
         for token in self.generate_tokens(token_ids, image, max_tokens=max_tokens, **sampling):
             if on_token:
                 on_token(token)
-            pending += decoder.decode(self.token_bytes(token))
-            hit = min((pending.find(s) for s in stop if s in pending), default=-1)
-            if hit >= 0:
-                if pending[:hit]:
-                    yield pending[:hit]
+            piece = pieces.push(token)
+            if piece:
+                yield piece
+            if pieces.stopped:
                 return
-            safe = len(pending) - _stop_prefix_length(pending, stop)
-            if safe > 0:
-                yield pending[:safe]
-                pending = pending[safe:]
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            yield pending
+        rest = pieces.finish()
+        if rest:
+            yield rest
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
                  repeat_last_n: int, seed: int | None, grammar: str | None = None):
@@ -569,9 +544,8 @@ class MllamaModel:
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
-        for kv in self._images.values():
-            kv.close()
-        self._images.clear()
+        if self.images:
+            self.images.close()
         if self.hook:
             self.hook.close()
         if self._scratch:
@@ -586,15 +560,18 @@ class MllamaModel:
         self._backends.clear()
 
 
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a stop string (held back)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
+def reusable_prefix(kept: Sequence[int], kept_image: str | None, token_ids: Sequence[int], image_key: str | None,
+                    image_token_id: int) -> int:
+    """How many of the kept ids a new prompt can keep in the KV cache: the longest shared prefix (less the
+    last id, whose logits are needed), and with another image only the rows before the image token."""
+    keep = 0
+    for old, new in zip(kept, token_ids[:-1]):
+        if old != new:
+            break
+        keep += 1
+    if image_key != kept_image and image_token_id in kept[:keep]:
+        keep = list(kept).index(image_token_id)
+    return keep
 
 
 def load_model(text_gguf: str | os.PathLike, vision_gguf: str | os.PathLike | None = None, n_ctx: int = 4096,

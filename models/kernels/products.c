@@ -37,7 +37,7 @@
 /* ---------------------------------------------------------------------------------------- shared */
 
 enum { BLOCK = 64, GROUP = 16, PANEL = 32, TOKEN_BLOCK = 96, OUTPUT_BLOCK = 256, K_CHUNK = 512, INT_ROWS = 4,
-       MAX_OUTLIERS = 16 };
+       MAX_OUTLIERS = 64 };
 static const float OUTLIER_RATIO = 8.0f;
 
 struct lva_product_params {

@@ -35,10 +35,13 @@ from models.mllama.cross_attention import image_attention
 OPS = ("attention", "products", "gelu", "cross_attention")
 
 # Arithmetics within the model-level bound, per op (docs/PERFORMANCE.md, "Accuracy"): their error on the
-# K/V an image leaves in the cross layers is at most HF bf16's own on the outlier checkpoint.
+# K/V an image leaves in the cross layers is at most HF bf16's own on the outlier checkpoint (bench/
+# accuracy_bench.py). INT8 products are not: 1.8x HF bf16's error even with the outlier channels taken
+# out (their 8-bit weights and inputs round about five times as coarsely as BF16 inputs), so they run only
+# where LVA_PRODUCTS asks for them.
 WITHIN_MODEL_BOUND = {
     "attention": {Arithmetic.F32, Arithmetic.INT16, Arithmetic.BF16, Arithmetic.F16},
-    "products": {Arithmetic.F32, Arithmetic.INT16, Arithmetic.INT8, Arithmetic.BF16, Arithmetic.STORED},
+    "products": {Arithmetic.F32, Arithmetic.INT16, Arithmetic.BF16, Arithmetic.STORED},
     "gelu": {Arithmetic.F32, Arithmetic.F16},
     "cross_attention": {Arithmetic.F32, Arithmetic.STORED},
 }
@@ -49,7 +52,7 @@ OP_BOUNDS = {
     ("attention", Arithmetic.F32): 1e-5, ("attention", Arithmetic.INT16): 2e-3,
     ("attention", Arithmetic.BF16): 1e-2, ("attention", Arithmetic.F16): 2e-3,
     ("products", Arithmetic.F32): 1e-5, ("products", Arithmetic.INT16): 1e-3,
-    ("products", Arithmetic.INT8): 2e-2, ("products", Arithmetic.BF16): 1e-2,
+    ("products", Arithmetic.INT8): 1.3e-2, ("products", Arithmetic.BF16): 1e-2,
     ("products", Arithmetic.STORED): 1e-3,
     ("gelu", Arithmetic.F32): 1e-6, ("gelu", Arithmetic.F16): 1e-2,
     ("cross_attention", Arithmetic.F32): 1e-5, ("cross_attention", Arithmetic.STORED): 2e-3,

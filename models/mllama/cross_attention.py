@@ -45,11 +45,13 @@ def image_key_value(g: Graph, image: Tensor, w: CrossAttentionLayer, hp: TextHPa
     return g.permute(k, 0, 2, 1), g.permute(v, 1, 2, 0)
 
 
-def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Gates, key: Tensor, value_t: Tensor,
-                          hp: TextHParams, path: KernelPath) -> Tensor:
-    """x [hidden, rows] -> x after the layer; `key`/`value_t` as `image_key_value` lays them out.
+def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Gates,
+                          images: list[tuple[int, Tensor, Tensor]], hp: TextHParams, path: KernelPath) -> Tensor:
+    """x [hidden, rows] -> x after the layer. The rows come in runs, each attending to its own image:
+    `images` holds (rows, key, value_t) per run, in order, the K/V as `image_key_value` lays them out (rows
+    of several sequences decoded together see different images; the layer's weights are read once).
 
-    `path` is how the attention over the image runs: our CPU kernel (`path.ours`, for graphs on the CPU)
+    `path` is how the attention over an image runs: our CPU kernel (`path.ours`, for graphs on the CPU)
     takes a decoded token's few rows over F16 K/V; anything else runs ggml's ops."""
     hd, rows = hp.head_dim, ggml.shape(x)[1]
     kv_heads, group = hp.num_key_value_heads, hp.num_attention_heads // hp.num_key_value_heads
@@ -57,7 +59,14 @@ def cross_attention_layer(g: Graph, x: Tensor, w: CrossAttentionLayer, gates: Ga
     q = g.rms_norm(g.reshape(g.mul_mat(w.attn_q, h), hd, group, kv_heads, rows), w.attn_q_norm, hp.rms_norm_eps)
     # The query heads of one KV head become columns of one product, so each image K/V is read once per step.
     q = g.reshape(g.cont(g.permute(q, 0, 1, 3, 2)), hd, group * rows, kv_heads)      # [hd, group*rows, kv]
-    attn = image_attention(g, q, key, value_t, hd ** -0.5, path)                    # [hd, group*rows, kv]
+    runs, first = [], 0
+    for count, key, value_t in images:
+        q_run = q if count == rows else g.cont(g.view(q, (hd, group * count, kv_heads), group * first * 4 * hd))
+        runs.append(image_attention(g, q_run, key, value_t, hd ** -0.5, path))      # [hd, group*count, kv]
+        first += count
+    attn = runs[0]
+    for run in runs[1:]:
+        attn = g.concat(attn, run, 1)                                                 # [hd, group*rows, kv]
     attn = g.reshape(attn, hd, group, rows, kv_heads)
     attn = g.cont(g.permute(attn, 0, 1, 3, 2))                                        # [hd, group, kv, rows]
     attn = g.mul_mat(w.attn_output, g.reshape(attn, hp.hidden_size, rows))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 
@@ -31,11 +31,10 @@ from models.mllama.weights import (CrossAttentionLayer, GlobalVisionLayer, Kind,
                                    VisionLayer, global_vision_layer_prefixes, gguf_name, names,
                                    vision_layer_prefixes)
 
-Progress = Callable[[float], None]
 
 
 class EncodeCancelled(Exception):
-    """The caller's `cancelled()` said so between two stages; nothing of the image is kept."""
+    """The caller asked, between two stages, to stop encoding; nothing of the image is kept."""
 
 
 @dataclass(frozen=True)
@@ -355,30 +354,37 @@ class ImageEncoder:
         self.backend, self.scratch, self.tower, self.cross_layers = backend, scratch, tower, cross_layers
         self.hp, self.kv_type = hp, kv_type
 
-    def encode(self, image: Image, progress: Progress | None = None,
-               cancelled: Callable[[], bool] | None = None) -> ImageKV:
+    def stages(self, image: Image) -> Generator[float, None, ImageKV]:
+        """The encode, one stage at a time: yields the fraction done after each stage and returns the K/V.
+        Closing it early (a cancelled encode) frees everything it made."""
         self.tower.make_copies(self.backend, self.scratch)        # the first encode makes them (a second or two)
         v = self.hp.vision
-        real = image.num_tiles * v.num_patches
-        kv = ImageKV.empty({index: self.backend for index in self.cross_layers}, self.hp, real, self.kv_type)
+        kv = ImageKV.empty({index: self.backend for index in self.cross_layers}, self.hp,
+                           image.num_tiles * v.num_patches, self.kv_type)
         try:
             with ggml.Memory(1 + len(v.intermediate_layers_indices)) as activations:   # live across stages
                 stages = self._stages(activations, kv)
                 activations.allocate(self.backend)
                 for done, stage in enumerate(stages, start=1):
-                    if cancelled is not None and cancelled():
-                        raise EncodeCancelled("the image encode was cancelled")
                     graph = VisionGraph(self.tower, image)
                     try:
                         graph.run(stage(graph), self.scratch)
                     finally:
                         graph.close()
-                    if progress:
-                        progress(done / len(stages))
+                    yield done / len(stages)
         except BaseException:
             kv.close()
             raise
         return kv
+
+    def encode(self, image: Image) -> ImageKV:
+        """The whole encode at once."""
+        stages = self.stages(image)
+        while True:
+            try:
+                next(stages)
+            except StopIteration as finished:
+                return finished.value
 
     def _stages(self, activations: ggml.Memory, kv: ImageKV) -> list[Stage]:
         """The tower as stages, each a graph that reads and writes the activations kept across stages."""

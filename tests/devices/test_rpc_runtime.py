@@ -23,6 +23,7 @@ from assistant import load_model
 from assistant.chat.feature_cache import FeatureCache
 from convert.pipeline import convert
 from models import ggml
+from models.kernels.paths import GGML_PATHS
 from tests.devices.conftest import FIXTURES, Fixture, image_path
 from tests.synthetic_checkpoint import small_config, write_checkpoint
 from tests.test_runtime import HALF_VISION_BOUNDS
@@ -204,7 +205,7 @@ def test_an_f16_vision_tower_on_the_device_runs_ggml_flash_attention_not_the_cpu
     try:
         tower = model.vision.tower
         assert model.placement.vision == rpc_server.device
-        assert tower.attention == "flash" and tower.products == "ggml"
+        assert tower.paths == GGML_PATHS
         worst = 0.0
         for case in fixture.cases(with_image=True):
             logits = model.logits(case["token_ids"], image_path(case))
