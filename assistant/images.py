@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.errors import LvaError
 from models.mllama.hparams import ImagePreprocessing, hf_aspect_ratios
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
 
-class ImageError(ValueError):
+class ImageError(LvaError):
     """A user-supplied image that cannot be used; str() is a one-line message naming the file."""
 
 

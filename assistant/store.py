@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from models.errors import LvaError
+
 APP_NAME = "lva"
 MODEL_FILE = re.compile(r"^(?P<name>.+)-(?P<tower>text|vision)-(?P<quant>[A-Za-z0-9_]+)\.gguf$")
 
@@ -60,8 +62,10 @@ def find_vision_file(text_path: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(LvaError):
     """`--model` names nothing usable, or there is no single model to default to; one line for the user."""
+
+    http_status = 404
 
 
 def resolve_model(choice: str | None = None, directory: Path | None = None) -> Path:

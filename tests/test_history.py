@@ -18,6 +18,7 @@ from PIL import Image
 
 from assistant.history import History, HistoryError
 from assistant.history.migrations import MIGRATIONS, migrate, schema_version
+from models.errors import LvaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,7 +130,7 @@ def test_unknown_ids_are_one_line_history_errors(history: History, call) -> None
     with pytest.raises(HistoryError) as raised:
         call(history)
     assert "\n" not in str(raised.value)
-    assert isinstance(raised.value, ValueError)
+    assert isinstance(raised.value, LvaError)
 
 
 def test_a_bad_role_or_status_is_refused_before_anything_is_written(history: History) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from assistant.chat.template import IMAGE_TOKEN, ChatMessage, ChatTemplate, ChatTemplateError
+from models.errors import LvaError
 
 DEFAULT_MAX_TOKENS = 1024
 
 
-class ChatError(ValueError):
+class ChatError(LvaError):
     """Something the user can fix: the message is one line."""
 
 

@@ -13,10 +13,11 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from models.errors import LvaError
 IMAGE_TOKEN = "<|image|>"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(LvaError):
     """The template refused the conversation (it says why) or could not be rendered."""
 
 

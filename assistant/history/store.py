@@ -51,6 +51,7 @@ from PIL import Image
 
 from assistant.history.migrations import MIGRATIONS, migrate, schema_version
 from assistant.store import data_dir
+from models.errors import LvaError
 
 Role = Literal["system", "user", "assistant"]
 Status = Literal["complete", "stopped", "error"]
@@ -68,7 +69,7 @@ _UNUSED_IMAGE = ("id NOT IN (SELECT image_id FROM messages WHERE image_id IS NOT
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg"}
 
 
-class HistoryError(ValueError):
+class HistoryError(LvaError):
     """Something the user caused (an unknown id, a bad import, a file that is not a history); one line."""
 
 

@@ -24,6 +24,7 @@ from assistant.runtime.hook import Batch, CrossAttentionHook
 from assistant.runtime.devices import offload_devices
 from assistant.runtime.placement import Placement
 from models import ggml, rpc
+from models.errors import LvaError
 from models.gguf_tensors import GGUFError, GGUFTensors
 from models.kernels.cpu import KernelError
 from models.mllama import gguf_keys as K
@@ -48,7 +49,7 @@ class FeatureStore(Protocol):
     def store(self, key: str, arrays: dict[str, np.ndarray]) -> None: ...
 
 
-class ModelError(ValueError):
+class ModelError(LvaError):
     """A model, prompt or image the runtime cannot use; the message is one line for the user."""
 
 

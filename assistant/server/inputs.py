@@ -21,18 +21,20 @@ from starlette.requests import Request
 
 from assistant.chat.engine import Conversation, Sampling, Turn
 from assistant.images import ImageError, load_image
+from models.errors import LvaError
 
 MAX_BODY_BYTES = 100 * 2**20      # 100 MiB: a conversation with several full-size photos, base64-encoded
 Model = TypeVar("Model", bound=BaseModel)
 T = TypeVar("T")
 
 
-class ApiError(Exception):
-    """A request this server will not answer: `status` and a one-line `message`; `param` names the field."""
+class ApiError(LvaError):
+    """A request this server will not answer: its HTTP status and a one-line `message`; `param` names the field,
+    `code` is OpenAI's machine-readable name for the error."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.http_status, self.message, self.param, self.code = status, message, param, code
 
 
 class Schema(BaseModel):

@@ -23,13 +23,16 @@ from typing import TYPE_CHECKING, Callable
 
 from assistant.chat.engine import ChatEngine, Conversation, Reply, Sampling
 from assistant.server.catalog import ServedModel
+from models.errors import LvaError
 
 if TYPE_CHECKING:
     from assistant.runtime import MllamaModel
 
 
-class LoadError(RuntimeError):
-    """The model file could not be loaded: a problem on the server's side, not in the request."""
+class LoadError(LvaError):
+    """The model file could not be loaded: a problem on the server's side, not in the request (nor a bug)."""
+
+    http_status = 500
 
 
 @dataclass
@@ -179,9 +182,10 @@ class ModelWorker:
                 last: Finished | Failed = Finished(work.model.name, None, reason, load_seconds, self._since(job))
             else:
                 last = self._answer(job, load_seconds)
-        except Exception as error:  # noqa: BLE001  (the worker outlives every request; app.py maps the error)
-            if not isinstance(error, (ValueError, LoadError)):
-                self._log("error: " + "".join(traceback.format_exception(error)).rstrip())
+        except LvaError as error:                      # the request's (or the model file's): app.py says it
+            last = Failed(error)
+        except Exception as error:  # noqa: BLE001  (a bug: logged whole; the worker outlives every request)
+            self._log("internal error, a bug in lva:\n" + "".join(traceback.format_exception(error)).rstrip())
             last = Failed(error)
         self._keep_alive(work.keep_alive)              # before the answer ends: then /api/ps already agrees
         job._emit(last)
@@ -217,7 +221,7 @@ class ModelWorker:
         start = time.perf_counter()
         try:
             model = self._load(wanted.text)
-        except Exception as error:  # noqa: BLE001  (any failure to load is the server's, said in one line)
+        except (LvaError, OSError) as error:           # a broken or missing file, no memory: said in one line
             self._log(f"error: {wanted.name} could not be loaded: {error}")
             raise LoadError(f"{wanted.name} could not be loaded: {error}") from error
         try:

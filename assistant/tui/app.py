@@ -17,13 +17,14 @@ from textual.screen import Screen
 
 from assistant import store
 from assistant.chat import saved
-from assistant.chat.engine import ChatEngine, ChatError
+from assistant.chat.engine import ChatEngine
 from assistant.history import History
 from assistant.tui.screens.chat import ChatScreen
 from assistant.tui.screens.first_run import FirstRunScreen
 from assistant.tui.screens.help import HelpScreen
 from assistant.tui.screens.models import ModelsScreen
 from assistant.tui.screens.settings import Settings, SettingsScreen
+from models.errors import LvaError
 
 
 class LvaApp(App):
@@ -87,7 +88,6 @@ class LvaApp(App):
         """Load a model with a progress bar; the previous one is closed once the new one is ready."""
         from assistant import load_model
         from assistant.chat.feature_cache import FeatureCache
-        from assistant.runtime import ModelError
 
         def progress(stage: str, fraction: float) -> None:
             if self.chat is not None:
@@ -97,7 +97,7 @@ class LvaApp(App):
             model = load_model(text_path, n_ctx=self.n_ctx, progress=progress, feature_cache=FeatureCache(),
                                n_gpu_layers=self.n_gpu_layers, rpc_servers=self.rpc_servers)
             engine = ChatEngine(model)
-        except (ModelError, ChatError, OSError) as error:
+        except (LvaError, OSError) as error:
             self.call_from_thread(self.notify, str(error), title="Cannot load the model", severity="error")
             return
         finally:

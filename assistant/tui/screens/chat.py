@@ -17,14 +17,15 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar
 
 from assistant.chat import saved
-from assistant.chat.engine import ChatError, Conversation, Reply, Turn
+from assistant.chat.engine import Conversation, Reply, Turn
 from assistant.images import ImageError, load_image
-from assistant.runtime import EncodeCancelled, ModelError
+from assistant.runtime import EncodeCancelled
 from assistant.tui.widgets.attachment_bar import AttachmentBar, describe_image
 from assistant.tui.widgets.chat_log import AssistantMessage, ChatLog
 from assistant.tui.widgets.conversation_list import ConversationList
 from assistant.tui.widgets.prompt_input import PromptInput
 from assistant.tui.widgets.status_bar import StatusBar
+from models.errors import LvaError
 
 STREAM_EVERY_SECONDS = 0.05       # how often the worker hands the growing answer to the UI
 
@@ -179,7 +180,7 @@ class ChatScreen(Screen):
                                        progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
             except EncodeCancelled:
                 pass                                  # removed or replaced: its successor, if any, is queued
-            except (ImageError, ModelError, OSError) as error:
+            except (LvaError, OSError) as error:
                 app.call_from_thread(self.notify, str(error), title="Cannot encode the image", severity="error")
             finally:
                 app.call_from_thread(self.show_progress, "", 1.0)
@@ -281,7 +282,7 @@ class ChatScreen(Screen):
                 limit = self.conversation.sampling.max_tokens
                 app.call_from_thread(self.notify, f"The answer reached its limit of {limit} tokens; "
                                      "Settings (F5) can raise it.", title="Answer cut")
-        except (ChatError, ImageError, ModelError, OSError) as error:
+        except (LvaError, OSError) as error:
             app.call_from_thread(self.notify, str(error), title="Cannot answer", severity="error")
         finally:
             app.model_lock.release()
