@@ -9,7 +9,6 @@ evicts the least recently used entries (reads refresh an entry's time).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import platformdirs
 
 from assistant.store import APP_NAME
+from models.atomic_write import write_atomically
 
 DEFAULT_CAP_BYTES = 4 * 10**9
 
@@ -47,19 +47,11 @@ class FeatureCache:
 
     def store(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         """Best effort: a cache that cannot be written (full disk) only costs a later re-encode."""
-        temporary = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".part", delete=False) as f:
-                temporary = Path(f.name)
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self._path(key))
+            with write_atomically(self._path(key)) as file:
+                np.savez(file, **arrays)
             _touch(self._path(key))
         except OSError:
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
             return
         self._evict()
 

@@ -37,7 +37,6 @@ import io
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -51,6 +50,7 @@ from PIL import Image
 
 from assistant.history.migrations import MIGRATIONS, migrate, schema_version
 from assistant.store import data_dir
+from models.atomic_write import write_atomically
 from models.errors import LvaError
 
 Role = Literal["system", "user", "assistant"]
@@ -282,7 +282,8 @@ class History:
         target = self.images_dir / relative_path
         with self._write() as db:   # the lock orders this against another process deleting the same image
             if not target.is_file():    # written atomically, so a file that is there is whole
-                _write_atomically(target, data)     # before the row, so a row never points at a missing file
+                with write_atomically(target) as file:   # before the row, so a row never points at a missing file
+                    file.write(data)
             db.execute("INSERT OR IGNORE INTO images (id, name, format, mime, width, height, bytes,"
                        " relative_path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (sha, name, image_format, mime, width, height, len(data), relative_path, _now()))
@@ -624,27 +625,6 @@ def _describe_image(data: bytes, name: str | None) -> tuple[str, str | None, tup
             return image.format or "unknown", image.get_format_mimetype(), image.size
     except (OSError, ValueError, Image.DecompressionBombError):   # UnidentifiedImageError is an OSError
         raise HistoryError(f"{name or 'image'}: not an image Pillow can read") from None
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write `target` so that it is either absent or whole, even if the process dies halfway."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=target.suffix)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    if os.name == "posix":          # make the rename itself durable
-        folder = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
 
 def _find_image(sha: str, name: str | None, images_dir: str | os.PathLike[str] | None) -> bytes:
