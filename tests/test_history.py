@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from assistant.history import History, HistoryError
+from assistant.history.export import export_json, export_markdown, import_json
 from assistant.history.migrations import MIGRATIONS, migrate, schema_version
 from models.errors import LvaError
 
@@ -121,8 +122,8 @@ def test_delete_removes_the_conversation_its_messages_and_images_nothing_else_sh
     lambda h: h.update_message(404, text="hello"),
     lambda h: h.rename(404, "title"),
     lambda h: h.delete(404),
-    lambda h: h.export_markdown(404),
-    lambda h: h.export_json(404),
+    lambda h: export_markdown(h, 404),
+    lambda h: export_json(h, 404),
     lambda h: h.image_path("0" * 64),
 ], ids=["conversation", "messages", "add_message", "update_message", "rename", "delete", "export_markdown",
         "export_json", "image_path"])
@@ -301,7 +302,7 @@ def rich_conversation(history: History, tmp_path: Path) -> int:
 
 
 def test_markdown_export_contains_every_turn(history: History, tmp_path: Path) -> None:
-    markdown = history.export_markdown(rich_conversation(history, tmp_path))
+    markdown = export_markdown(history, rich_conversation(history, tmp_path))
     assert markdown.startswith("# Reading a diagram\n")
     assert "> Answer in one line.\n> Be kind." in markdown
     turns = ["## User\n", "What does the arrow mean?", "## Assistant\n", "It shows the flow of",
@@ -313,31 +314,31 @@ def test_markdown_export_contains_every_turn(history: History, tmp_path: Path) -
 
 
 def test_json_round_trip_keeps_the_content(history: History, tmp_path: Path) -> None:
-    exported = history.export_json(rich_conversation(history, tmp_path))
-    imported = history.import_json(json.dumps(exported))
-    assert history.export_json(imported.id) == exported
+    exported = export_json(history, rich_conversation(history, tmp_path))
+    imported = import_json(history, json.dumps(exported))
+    assert export_json(history, imported.id) == exported
     assert exported["format"] == "lva-conversation" and exported["version"] == 1
     assert "data" not in next(iter(exported["images"].values()))
 
 
 def test_an_export_with_image_data_restores_the_images_in_another_history(history: History, tmp_path: Path) -> None:
-    exported = history.export_json(rich_conversation(history, tmp_path), include_images=True)
+    exported = export_json(history, rich_conversation(history, tmp_path), include_images=True)
     with History(tmp_path / "elsewhere" / "history.sqlite3") as elsewhere:
-        imported = elsewhere.import_json(json.loads(json.dumps(exported)))
-        assert elsewhere.export_json(imported.id, include_images=True) == exported
+        imported = import_json(elsewhere, json.loads(json.dumps(exported)))
+        assert export_json(elsewhere, imported.id, include_images=True) == exported
         restored = elsewhere.image_path(imported.image_id)
         assert restored.read_bytes() == history.image_path(imported.image_id).read_bytes()
         assert elsewhere.images_dir == tmp_path / "elsewhere" / "images"
 
 
 def test_an_export_without_image_data_imports_with_the_images_folder(history: History, tmp_path: Path) -> None:
-    exported = history.export_json(rich_conversation(history, tmp_path))
+    exported = export_json(history, rich_conversation(history, tmp_path))
     with History(tmp_path / "elsewhere" / "history.sqlite3") as elsewhere:
         with pytest.raises(HistoryError, match="diagram.png is not embedded and not found"):
-            elsewhere.import_json(exported)
+            import_json(elsewhere, exported)
         assert elsewhere.list_conversations() == []
         for images_dir in (history.images_dir, tmp_path):   # another lva's store; the originals by name
-            imported = elsewhere.import_json(exported, images_dir=images_dir)
+            imported = import_json(elsewhere, exported, images_dir=images_dir)
             assert elsewhere.image_path(imported.image_id).is_file()
 
 
@@ -346,11 +347,11 @@ def test_an_import_that_fails_on_one_image_stores_nothing_at_all(history: Histor
     for color in ("red", "blue"):
         image = history.add_image(make_png(tmp_path / f"{color}.png", color=color))
         history.add_message(conversation.id, "user", color, image_id=image.id)
-    exported = history.export_json(conversation.id, include_images=True)
+    exported = export_json(history, conversation.id, include_images=True)
     del exported["images"][image.id]["data"]    # the blue one is now neither embedded nor findable
     with History(tmp_path / "elsewhere" / "history.sqlite3") as elsewhere:
         with pytest.raises(HistoryError, match="blue.png is not embedded"):
-            elsewhere.import_json(exported)
+            import_json(elsewhere, exported)
         assert elsewhere.list_conversations() == []
         assert count_rows(elsewhere.path, "images") == 0
         assert not elsewhere.images_dir.exists()
@@ -390,13 +391,13 @@ def broken(**changes) -> dict:
 def test_importing_bad_json_is_a_one_line_history_error_and_writes_nothing(
         history: History, data, message: str) -> None:
     with pytest.raises(HistoryError, match=message) as raised:
-        history.import_json(data)
+        import_json(history, data)
     assert "\n" not in str(raised.value)
     assert history.list_conversations() == []
 
 
 def test_an_import_without_timestamps_or_statuses_gets_defaults(history: History) -> None:
-    imported = history.import_json(valid_export())
+    imported = import_json(history, valid_export())
     [message] = history.messages(imported.id)
     assert (imported.title, message.role, message.text, message.status, message.position) == (
         "t", "user", "hi", "complete", 0)
