@@ -29,6 +29,10 @@ from models.errors import LvaError
 
 STREAM_EVERY_SECONDS = 0.05       # how often the worker hands the growing answer to the UI
 
+# In the answering worker: update the conversation and the history for a new answer; the conversation's id
+# in the history and the answer's pieces.
+Begin = Callable[[list[Reply]], tuple[int, Iterator[str]]]
+
 
 class ChatScreen(Screen):
     BINDINGS = [
@@ -214,15 +218,17 @@ class ChatScreen(Screen):
         self.query_one(AttachmentBar).attach(None)
         self.query_one(ChatLog).add_user(text, image)
         history, engine, model_name = self.app.history, self.app.engine, self.app.model.text_path.name
+        conversation, conversation_id = self.conversation, self.conversation_id
 
-        def begin(replies: list[Reply]) -> Iterator[str]:
-            pieces = engine.send(self.conversation, text, image, on_reply=replies.append)
-            if self.conversation_id is None:
+        def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
+            pieces = engine.send(conversation, text, image, on_reply=replies.append)
+            kept_as = conversation_id
+            if kept_as is None:
                 title = text or (image.name if image else "New conversation")
-                self.conversation_id = saved.start(history, self.conversation, model_name, title)
-                self.app.call_from_thread(self._conversation_started)
-            saved.save_user_turn(history, self.conversation_id, self.conversation.turns[-1])
-            return pieces
+                kept_as = saved.start(history, conversation, model_name, title)
+                self.app.call_from_thread(self._conversation_started, kept_as)
+            saved.save_user_turn(history, kept_as, conversation.turns[-1])
+            return kept_as, pieces
         self.answer(begin)
 
     def can_answer(self) -> bool:
@@ -239,37 +245,41 @@ class ChatScreen(Screen):
         self.set_editing(None)
         turns = self.conversation.turns
         self.show_turns([*turns[:index], replace(turns[index], text=text)])
-        history, engine, conversation_id = self.app.history, self.app.engine, self.conversation_id
+        history, engine = self.app.history, self.app.engine
+        conversation, conversation_id = self.conversation, self.conversation_id
 
-        def begin(replies: list[Reply]) -> Iterator[str]:
+        def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
             saved.rewind(history, conversation_id, index)
-            pieces = engine.edit(self.conversation, index, text, on_reply=replies.append)
-            saved.save_user_turn(history, conversation_id, self.conversation.turns[index])
-            return pieces
+            pieces = engine.edit(conversation, index, text, on_reply=replies.append)
+            saved.save_user_turn(history, conversation_id, conversation.turns[index])
+            return conversation_id, pieces
         self.answer(begin)
 
-    def answer(self, begin: Callable[[list[Reply]], Iterator[str]]) -> None:
+    def answer(self, begin: Begin) -> None:
         """Answer in a worker, into a new message at the end of the log."""
         self.generating = True
-        self.stream_answer(begin, self.query_one(ChatLog).add_assistant(status="stopped"))
+        self.stream_answer(begin, self.conversation, self.query_one(ChatLog).add_assistant(status="stopped"))
 
     @work(thread=True, exclusive=True, group="generation")
-    def stream_answer(self, begin: Callable[[list[Reply]], Iterator[str]], message: AssistantMessage) -> None:
-        """`begin` updates the conversation and the history and returns the answer's pieces; the image is
-        encoded first (with a progress bar, instant when cached), then the answer streams into `message`."""
+    def stream_answer(self, begin: Begin, conversation: Conversation, message: AssistantMessage) -> None:
+        """`begin` updates `conversation` and the history and returns the answer's pieces; the image is
+        encoded first (with a progress bar, instant when cached), then the answer streams into `message`.
+
+        A worker thread: it changes the screen only through `call_from_thread`, and reads nothing of it but
+        what it was given (`generating` keeps the conversation from being switched meanwhile)."""
         app, model = self.app, self.app.model
         status = "error"
         app.model_lock.acquire()                  # after an encode of the attached image still running
         try:
             replies: list[Reply] = []
-            pieces = begin(replies)
-            _, image = app.engine.current_image(self.conversation)
+            conversation_id, pieces = begin(replies)
+            _, image = app.engine.current_image(conversation)
             if image is not None and model.vision is not None:
                 model.encode_image(image, progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
                 app.call_from_thread(self.show_progress, "encoding image", 1.0)
             answer, shown_at = "", 0.0
-            for piece in saved.stream_answer(app.history, self.conversation_id, pieces, model.text_path.name,
-                                             self.conversation.sampling, replies):
+            for piece in saved.stream_answer(app.history, conversation_id, pieces, model.text_path.name,
+                                             conversation.sampling, replies):
                 answer += piece
                 if time.monotonic() - shown_at > STREAM_EVERY_SECONDS:
                     app.call_from_thread(message.show, answer)
@@ -279,7 +289,7 @@ class ChatScreen(Screen):
             status = reply.status
             app.call_from_thread(self.update_status, reply)
             if reply.done_reason == "length":
-                limit = self.conversation.sampling.max_tokens
+                limit = conversation.sampling.max_tokens
                 app.call_from_thread(self.notify, f"The answer reached its limit of {limit} tokens; "
                                      "Settings (F5) can raise it.", title="Answer cut")
         except (LvaError, OSError) as error:
@@ -288,8 +298,9 @@ class ChatScreen(Screen):
             app.model_lock.release()
             app.call_from_thread(self._generation_done, message, status)
 
-    def _conversation_started(self) -> None:
-        self.sidebar.current = self.conversation_id
+    def _conversation_started(self, conversation_id: int) -> None:
+        self.conversation_id = conversation_id
+        self.sidebar.current = conversation_id
         self.sidebar.refresh_list()
 
     def _generation_done(self, message: AssistantMessage, status: str) -> None:
@@ -365,11 +376,12 @@ class ChatScreen(Screen):
         if not self.can_answer():
             return
         self.show_turns(self.conversation.turns[:index + 1])
-        history, engine, conversation_id = self.app.history, self.app.engine, self.conversation_id
+        history, engine = self.app.history, self.app.engine
+        conversation, conversation_id = self.conversation, self.conversation_id
 
-        def begin(replies: list[Reply]) -> Iterator[str]:
+        def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
             saved.rewind(history, conversation_id, index + 1)
-            return engine.regenerate(self.conversation, on_reply=replies.append)
+            return conversation_id, engine.regenerate(conversation, on_reply=replies.append)
         self.answer(begin)
 
     def action_edit_last(self) -> None:
