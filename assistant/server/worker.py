@@ -101,12 +101,14 @@ class Job:
             events.append(await self.events.get())
         return events
 
-    def _emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
+        """From the worker thread: hand `event` to the request's event loop (the last one is its outcome)."""
         if isinstance(event, (Finished, Failed)):
             self.outcome = event
         self._call(self.events.put_nowait, event)
 
-    def _close(self, dropped: bool = False) -> None:
+    def finish(self, dropped: bool = False) -> None:
+        """From the worker thread: it is through with this job (`dropped`: without running it)."""
         self.dropped = dropped
         self._call(self.done.set)
 
@@ -161,16 +163,16 @@ class ModelWorker:
             if job is None:
                 break
             if job.cancelled.is_set():
-                job._close(dropped=True)
+                job.finish(dropped=True)
                 continue
             try:
                 self._run(job)
             finally:
-                job._close()
+                job.finish()
         while not self._jobs.empty():
             job = self._jobs.get()
             if job is not None:
-                job._close(dropped=True)
+                job.finish(dropped=True)
         self._unload()
 
     def _run(self, job: Job) -> None:
@@ -188,7 +190,7 @@ class ModelWorker:
             self._log("internal error, a bug in lva:\n" + "".join(traceback.format_exception(error)).rstrip())
             last = Failed(error)
         self._keep_alive(work.keep_alive)              # before the answer ends: then /api/ps already agrees
-        job._emit(last)
+        job.emit(last)
 
     def _answer(self, job: Job, load_seconds: float) -> Finished:
         work, model, engine = job.work, self._model, self._engine
@@ -204,7 +206,7 @@ class ModelWorker:
             pieces = engine.answer(work.task, replies.append)
         try:
             for piece in pieces:
-                job._emit(Piece(piece))
+                job.emit(Piece(piece))
                 if job.cancelled.is_set():
                     break
         finally:
