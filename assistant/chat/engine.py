@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from assistant.chat.template import IMAGE_TOKEN, ChatMessage, ChatTemplate, ChatTemplateError
+from assistant.chat.template import IMAGE_TOKEN, ChatTemplate, ChatTemplateError, TemplateMessage
 from models.errors import LvaError
 
 DEFAULT_MAX_TOKENS = 1024
@@ -115,7 +115,7 @@ class ChatEngine:
     def _end_of_message(self) -> str:
         """The text the template puts right after an assistant message (`<|eot_id|>` for Llama 3)."""
         marker = "\x00answer\x00"
-        text = self.template.render([ChatMessage("user", "?"), ChatMessage("assistant", marker)],
+        text = self.template.render([TemplateMessage("user", "?"), TemplateMessage("assistant", marker)],
                                     add_generation_prompt=False)
         return text.split(marker, 1)[1] if marker in text else ""
 
@@ -129,9 +129,9 @@ class ChatEngine:
                 return index, conversation.turns[index].image
         return None, None
 
-    def _messages(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[ChatMessage]:
-        messages = [ChatMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
-        return messages + [ChatMessage(t.role, t.text, has_image=(i == image_turn)) for i, t in enumerate(turns)]
+    def _messages(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[TemplateMessage]:
+        messages = [TemplateMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
+        return messages + [TemplateMessage(t.role, t.text, has_image=(i == image_turn)) for i, t in enumerate(turns)]
 
     def _render(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[int]:
         variables = {"date_string": self.date_string} if self.date_string else {}

@@ -4,7 +4,7 @@ Usage: `with History() as history: conversation = history.new_conversation(...)`
 writes a conversation as Markdown or JSON and imports the JSON.
 """
 
-from assistant.history.store import (Conversation, History, HistoryError, Message, Role, Status,
-                                     StoredImage)
+from assistant.history.store import (History, HistoryError, Role, Status, StoredConversation, StoredImage,
+                                     StoredMessage)
 
-__all__ = ["Conversation", "History", "HistoryError", "Message", "Role", "Status", "StoredImage"]
+__all__ = ["History", "HistoryError", "Role", "Status", "StoredConversation", "StoredImage", "StoredMessage"]

@@ -26,8 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from assistant.history.store import (ROLES, STATUSES, Conversation, History, HistoryError, Message, StoredImage,
-                                     describe_image, stored_time)
+from assistant.history.store import (ROLES, STATUSES, History, HistoryError, StoredConversation, StoredImage,
+                                     StoredMessage, describe_image, stored_time)
 
 EXPORT_FORMAT = "lva-conversation"
 EXPORT_VERSION = 1
@@ -77,7 +77,7 @@ def export_json(history: History, conversation_id: int, include_images: bool = F
 
 
 def import_json(history: History, data: Mapping[str, Any] | str | bytes,
-                images_dir: str | os.PathLike[str] | None = None) -> Conversation:
+                images_dir: str | os.PathLike[str] | None = None) -> StoredConversation:
     """Add an `export_json` conversation (a dict or its JSON text) as a new one, keeping its timestamps.
 
     Each image comes from its embedded data, from this store if already there, or from `images_dir`
@@ -100,7 +100,7 @@ def _markdown_image(history: History, image: StoredImage) -> str:
     return f"![{image.name or image.id[:12]}]({(history.images_dir / image.relative_path).resolve().as_uri()})"
 
 
-def _message_note(message: Message) -> str:
+def _message_note(message: StoredMessage) -> str:
     """The line under a turn in the Markdown export: how it ended and what it cost."""
     notes = {"stopped": ["stopped before the end"], "error": ["failed"]}.get(message.status, [])
     if message.completion_tokens is not None:

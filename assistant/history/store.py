@@ -61,8 +61,10 @@ class HistoryError(LvaError):
     """Something the user caused (an unknown id, a bad import, a file that is not a history); one line."""
 
 
+# The kept records (rows), named apart from the chat engine's live `Conversation` and `Turn`, which
+# assistant/chat/saved.py turns them into and back.
 @dataclass(frozen=True)
-class Conversation:
+class StoredConversation:
     id: int
     title: str | None
     created_at: datetime
@@ -74,7 +76,7 @@ class Conversation:
 
 
 @dataclass(frozen=True)
-class Message:
+class StoredMessage:
     id: int
     conversation_id: int
     position: int               # 0, 1, 2, ... within the conversation
@@ -130,7 +132,7 @@ class History:
     # --- conversations ---
 
     def new_conversation(self, title: str | None = None, system_prompt: str | None = None,
-                         model: str | None = None, sampling: Mapping[str, Any] | None = None) -> Conversation:
+                         model: str | None = None, sampling: Mapping[str, Any] | None = None) -> StoredConversation:
         now = stored_time()
         with self._write() as db:
             cursor = db.execute(
@@ -138,31 +140,31 @@ class History:
                 " VALUES (?, ?, ?, ?, ?, ?)", (title, now, now, system_prompt, model, _json(sampling)))
             return _conversation_in(db, cursor.lastrowid)
 
-    def conversation(self, conversation_id: int) -> Conversation:
+    def conversation(self, conversation_id: int) -> StoredConversation:
         with self._read() as db:
             return _conversation_in(db, conversation_id)
 
-    def list_conversations(self, limit: int | None = None) -> list[Conversation]:
+    def list_conversations(self, limit: int | None = None) -> list[StoredConversation]:
         """Most recently active first."""
         with self._read() as db:
-            rows = db.execute(f"SELECT {_columns(Conversation)} FROM conversations"
+            rows = db.execute(f"SELECT {_columns(StoredConversation)} FROM conversations"
                               " ORDER BY updated_at DESC, id DESC LIMIT ?",
                               (-1 if limit is None else limit,))     # LIMIT -1: no limit
-            return [_from_row(Conversation, row) for row in rows]
+            return [_from_row(StoredConversation, row) for row in rows]
 
-    def last_conversation(self) -> Conversation | None:
+    def last_conversation(self) -> StoredConversation | None:
         """The one to resume on start-up, if there is any."""
         found = self.list_conversations(limit=1)
         return found[0] if found else None
 
-    def rename(self, conversation_id: int, title: str | None) -> Conversation:
+    def rename(self, conversation_id: int, title: str | None) -> StoredConversation:
         with self._write() as db:
             _conversation_in(db, conversation_id)
             db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
             return _conversation_in(db, conversation_id)
 
     def set_settings(self, conversation_id: int, system_prompt: str | None, sampling: Mapping[str, Any] | None
-                     ) -> Conversation:
+                     ) -> StoredConversation:
         """The conversation's system prompt and sampling, as its next turns will use them."""
         with self._write() as db:
             _conversation_in(db, conversation_id)
@@ -170,7 +172,7 @@ class History:
                        (system_prompt, _json(sampling), conversation_id))
             return _conversation_in(db, conversation_id)
 
-    def set_conversation_image(self, conversation_id: int, image_id: str | None) -> Conversation:
+    def set_conversation_image(self, conversation_id: int, image_id: str | None) -> StoredConversation:
         with self._write() as db:
             _conversation_in(db, conversation_id)
             if image_id is not None:
@@ -194,7 +196,7 @@ class History:
     def add_message(self, conversation_id: int, role: Role, text: str, image_id: str | None = None,
                     prompt_tokens: int | None = None, completion_tokens: int | None = None,
                     seconds: float | None = None, model: str | None = None,
-                    sampling: Mapping[str, Any] | None = None, status: Status = "complete") -> Message:
+                    sampling: Mapping[str, Any] | None = None, status: Status = "complete") -> StoredMessage:
         """Append a turn at the next position.
 
         For a streamed answer, add it with status 'stopped' and `update_message` it as text arrives:
@@ -221,7 +223,7 @@ class History:
 
     def update_message(self, message_id: int, *, text: str | None = None, status: Status | None = None,
                        prompt_tokens: int | None = None, completion_tokens: int | None = None,
-                       seconds: float | None = None) -> Message:
+                       seconds: float | None = None) -> StoredMessage:
         """Change the given fields of a message (None leaves a field as it is); `text` is the whole text.
 
         Called while streaming, so it is one small transaction and no fsync (see the module docstring).
@@ -240,7 +242,7 @@ class History:
                            (stored_time(), message.conversation_id))
             return _message_in(db, message_id)
 
-    def messages(self, conversation_id: int) -> list[Message]:
+    def messages(self, conversation_id: int) -> list[StoredMessage]:
         """The turns in order."""
         with self._read() as db:
             _conversation_in(db, conversation_id)
@@ -286,7 +288,7 @@ class History:
 
     # --- search ---
 
-    def search(self, query: str, limit: int = 50) -> list[tuple[Conversation, str]]:
+    def search(self, query: str, limit: int = 50) -> list[tuple[StoredConversation, str]]:
         """Conversations whose title, or one of whose messages, contains every word of `query`.
 
         Words match as prefixes, after stemming ("run" finds "running"); FTS5 query syntax is not exposed,
@@ -313,7 +315,7 @@ class History:
 
     # --- whole conversations, for export.py ---
 
-    def snapshot(self, conversation_id: int) -> tuple[Conversation, list[Message], dict[str, StoredImage]]:
+    def snapshot(self, conversation_id: int) -> tuple[StoredConversation, list[StoredMessage], dict[str, StoredImage]]:
         """A conversation, its messages and the images they show, read at one moment."""
         with self._read() as db:
             conversation = _conversation_in(db, conversation_id)
@@ -326,7 +328,7 @@ class History:
             known = db.execute("SELECT relative_path FROM images WHERE id = ?", (image_id,)).fetchone()
         return known is not None and (self.images_dir / known[0]).is_file()
 
-    def restore(self, record: Mapping[str, Any]) -> Conversation:
+    def restore(self, record: Mapping[str, Any]) -> StoredConversation:
         """Add a conversation and its messages as they were (timestamps kept), in one transaction.
 
         `record` is an export checked by export.py, times already in the stored form; the images it names
@@ -432,7 +434,7 @@ def _use_wal(db: sqlite3.Connection) -> None:
 
 # --- rows to dataclasses ---
 
-T = TypeVar("T", Conversation, Message, StoredImage)
+T = TypeVar("T", StoredConversation, StoredMessage, StoredImage)
 
 
 def _columns(cls: type) -> str:
@@ -450,25 +452,25 @@ def _from_row(cls: type[T], row: sqlite3.Row) -> T:
     return cls(**values)
 
 
-def _conversation_in(db: sqlite3.Connection, conversation_id: int | None) -> Conversation:
-    row = db.execute(f"SELECT {_columns(Conversation)} FROM conversations WHERE id = ?",
+def _conversation_in(db: sqlite3.Connection, conversation_id: int | None) -> StoredConversation:
+    row = db.execute(f"SELECT {_columns(StoredConversation)} FROM conversations WHERE id = ?",
                      (conversation_id,)).fetchone()
     if row is None:
         raise HistoryError(f"no conversation with id {conversation_id}")
-    return _from_row(Conversation, row)
+    return _from_row(StoredConversation, row)
 
 
-def _message_in(db: sqlite3.Connection, message_id: int | None) -> Message:
-    row = db.execute(f"SELECT {_columns(Message)} FROM messages WHERE id = ?", (message_id,)).fetchone()
+def _message_in(db: sqlite3.Connection, message_id: int | None) -> StoredMessage:
+    row = db.execute(f"SELECT {_columns(StoredMessage)} FROM messages WHERE id = ?", (message_id,)).fetchone()
     if row is None:
         raise HistoryError(f"no message with id {message_id}")
-    return _from_row(Message, row)
+    return _from_row(StoredMessage, row)
 
 
-def _messages_in(db: sqlite3.Connection, conversation_id: int) -> list[Message]:
-    rows = db.execute(f"SELECT {_columns(Message)} FROM messages WHERE conversation_id = ? ORDER BY position",
+def _messages_in(db: sqlite3.Connection, conversation_id: int) -> list[StoredMessage]:
+    rows = db.execute(f"SELECT {_columns(StoredMessage)} FROM messages WHERE conversation_id = ? ORDER BY position",
                       (conversation_id,))
-    return [_from_row(Message, row) for row in rows]
+    return [_from_row(StoredMessage, row) for row in rows]
 
 
 def _image_in(db: sqlite3.Connection, image_id: str) -> StoredImage:
