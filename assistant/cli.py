@@ -14,6 +14,7 @@ from models.errors import LvaError
 EXIT_ERROR = 1
 EXIT_BUG = 70                                        # sysexits.h's EX_SOFTWARE: an internal software error
 EXIT_INTERRUPTED = 130
+BUG = "lva: this is a bug in lva, not something you did; please report it with the traceback above"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="checkpoint directory or Hugging Face repo id")
     convert.add_argument("--out", type=Path, help="output directory (default: the model store)")
     convert.add_argument("--quant", default=DEFAULT_QUANT, metavar="TYPE",
-                         help=f"text tower and cross-attention type: {', '.join(QUANT_TYPES)} (default {DEFAULT_QUANT})")
+                         help=f"text tower and cross-attention type: {', '.join(QUANT_TYPES)} "
+                              f"(default {DEFAULT_QUANT})")
     convert.add_argument("--vision-quant", metavar="TYPE",
                          help=f"vision encoder type: {', '.join(VISION_TYPES)} (default F16; F32 with --quant F32)")
     convert.add_argument("--name", help="model name in the file names (default: from the checkpoint)")
@@ -183,6 +185,5 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except Exception:  # noqa: BLE001  (a bug: shown whole, and said to be one)
         traceback.print_exc()
-        print("lva: this is a bug in lva, not something you did; please report it with the traceback above",
-              file=sys.stderr)
+        print(BUG, file=sys.stderr)
         return EXIT_BUG

@@ -87,4 +87,6 @@ def resolve_model(choice: str | None = None, directory: Path | None = None) -> P
     if len(models) > 1:
         names = ", ".join(f"{m.name}-{m.quant}" for m in models)
         raise ModelNotFound(f"several models could run ({names}); choose one with --model")
-    return models[0].text
+    text = models[0].text
+    assert text is not None                          # the models without one were left out above
+    return text

@@ -108,6 +108,7 @@ def write_gguf(path: Path, writer: GGUFWriter, tensors: list[PlannedTensor], pro
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    assert writer.fout is not None                   # opened by write_header_to_file
     out = writer.fout[0]
     for t in tensors:
         writer.write_padding(out, out.tell())

@@ -15,4 +15,4 @@ class LvaError(Exception):
     """Something the user can fix; str() is one line that says what, and where it helps, what to do."""
 
     exit_code: int = 1              # what `lva` exits with
-    http_status: int = 400          # what `lva serve` answers (a kind that is the server's, not the request's, says 5xx)
+    http_status: int = 400          # what `lva serve` answers (5xx for a kind that is the server's, not the request's)

@@ -49,7 +49,7 @@ class FeatureCache:
         """Best effort: a cache that cannot be written (full disk) only costs a later re-encode."""
         try:
             with write_atomically(self._path(key)) as file:
-                np.savez(file, **arrays)
+                np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub takes any key for allow_pickle
             _touch(self._path(key))
         except OSError:
             return

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -143,14 +143,15 @@ async def answer(request: Request, work: Work, writer: Writer, stream: bool) -> 
     request.scope[LOG_ENTRY].job = job
     _server(request).worker.submit(job)
     if not stream:
-        events, gone = await until_disconnect(request, job.rest())
-        if gone:
+        ended = await until_disconnect(request, job.rest())
+        if ended is None:
             return _client_gone(job)
-        if isinstance(events[-1], Failed):
-            raise api_error(events[-1].error)
-        return JSONResponse(writer.whole(events[-1], "".join(e.text for e in events if isinstance(e, Piece))))
-    first, gone = await until_disconnect(request, job.events.get())
-    if gone:
+        text, last = ended
+        if isinstance(last, Failed):
+            raise api_error(last.error)
+        return JSONResponse(writer.whole(last, text))
+    first = await until_disconnect(request, job.events.get())
+    if first is None:
         return _client_gone(job)
     if isinstance(first, Failed):
         raise api_error(first.error)
@@ -216,7 +217,7 @@ def _is_openai(scope: Scope) -> bool:
     return scope["path"].startswith("/v1/")
 
 
-def error_response(scope: Scope, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(scope: Scope, error: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """Ollama's `{"error": "..."}`, or OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
     if LOG_ENTRY in scope:
         scope[LOG_ENTRY].note = error.message

@@ -160,8 +160,8 @@ async def conversation_from(messages: list[Message], sampling: Sampling) -> Conv
     return Conversation(system_prompt="\n\n".join(system) or None, turns=turns, sampling=sampling)
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> tuple[T | None, bool]:
-    """(`work`'s result, False), or (None, True) when the client hangs up first; `work` is then cancelled.
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when the client hangs up first; `work` is then cancelled.
 
     Only for a request whose body was read: the next message the server gets is then the disconnect.
     """
@@ -173,9 +173,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> tuple[T | No
         gone.cancel()
         if not task.done():
             task.cancel()
-    if task in done:
-        return task.result(), False
-    return None, True
+    return task.result() if task in done else None
 
 
 async def _disconnected(request: Request) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -25,6 +25,9 @@ from assistant.tui.screens.help import HelpScreen
 from assistant.tui.screens.models import ModelsScreen
 from assistant.tui.screens.settings import Settings, SettingsScreen
 from models.errors import LvaError
+
+if TYPE_CHECKING:
+    from assistant.runtime import MllamaModel
 
 
 class LvaApp(App):
@@ -48,7 +51,7 @@ class LvaApp(App):
         self.n_gpu_layers, self.rpc_servers = n_gpu_layers, list(rpc_servers)
         self.history = History()
         self.settings = Settings()
-        self.model = None
+        self.model: MllamaModel | None = None
         self.engine: ChatEngine | None = None
         self.model_lock = threading.Lock()       # the model runs one worker at a time (encode ahead, answer)
 
@@ -126,9 +129,7 @@ class LvaApp(App):
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
-        bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]
-        if self.chat is not None:
-            bindings = ChatScreen.BINDINGS + bindings
+        bindings = [*(ChatScreen.BINDINGS if self.chat is not None else []), *self.BINDINGS]
         self.push_screen(HelpScreen([b for b in bindings if isinstance(b, Binding)]))
 
     def action_models(self) -> None:

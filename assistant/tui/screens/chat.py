@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from textual import on, work
 from textual.worker import get_current_worker
@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar
 
 from assistant.chat import saved
-from assistant.chat.engine import Conversation, Reply, Turn
+from assistant.chat.engine import ChatEngine, Conversation, Reply, Turn
 from assistant.images import ImageError, load_image
 from assistant.runtime import EncodeCancelled
 from assistant.tui.widgets.attachment_bar import AttachmentBar, describe_image
@@ -26,6 +26,9 @@ from assistant.tui.widgets.conversation_list import ConversationList
 from assistant.tui.widgets.prompt_input import PromptInput
 from assistant.tui.widgets.status_bar import StatusBar
 from models.errors import LvaError
+
+if TYPE_CHECKING:
+    from assistant.tui.app import LvaApp
 
 STREAM_EVERY_SECONDS = 0.05       # how often the worker hands the growing answer to the UI
 
@@ -47,6 +50,8 @@ class ChatScreen(Screen):
         Binding("ctrl+e", "edit_last", "Edit the last message", show=False, priority=True),
         Binding("ctrl+l", "focus_input", "Input", show=False, priority=True),
     ]
+
+    app: LvaApp                                  # for the type checker: the app it runs in, its model and history
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,7 +119,7 @@ class ChatScreen(Screen):
         log.clear()
         for turn in turns:
             if turn.role == "user":
-                image = turn.image if turn.image and turn.image.is_file() else None
+                image = turn.image if isinstance(turn.image, Path) and turn.image.is_file() else None
                 log.add_user(turn.text, image, names.get(image) if image else None)
             else:
                 log.add_assistant(turn.text).finish(turn.status)
@@ -208,16 +213,17 @@ class ChatScreen(Screen):
             if self.attach(Path(text.removeprefix("/image").strip().strip("'\"")).expanduser()):
                 prompt.focus()
             return
-        if not text or not self.can_answer():
+        engine = self.ready_engine() if text else None
+        if engine is None:
             return
         prompt.clear()
         if self.editing is not None:
-            self.send_edit(self.editing, text)
+            self.send_edit(engine, self.editing, text)
             return
         image, self.attachment = self.attachment, None
         self.query_one(AttachmentBar).attach(None)
         self.query_one(ChatLog).add_user(text, image)
-        history, engine, model_name = self.app.history, self.app.engine, self.app.model.text_path.name
+        history, model_name = self.app.history, engine.model.text_path.name
         conversation, conversation_id = self.conversation, self.conversation_id
 
         def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
@@ -229,51 +235,53 @@ class ChatScreen(Screen):
                 self.app.call_from_thread(self._conversation_started, kept_as)
             saved.save_user_turn(history, kept_as, conversation.turns[-1])
             return kept_as, pieces
-        self.answer(begin)
+        self.answer(engine, begin)
 
-    def can_answer(self) -> bool:
+    def ready_engine(self) -> ChatEngine | None:
+        """The engine to answer with; None, with a notice, while it answers or the model loads."""
         if self.generating:
             self.notify("Still answering; Esc stops it", severity="warning")
-            return False
+            return None
         if self.app.engine is None:
             self.notify("The model is not loaded yet", severity="warning")
-            return False
-        return True
+        return self.app.engine
 
-    def send_edit(self, index: int, text: str) -> None:
+    def send_edit(self, engine: ChatEngine, index: int, text: str) -> None:
         """Replace user turn `index` with `text`, forget what came after it, and answer again."""
         self.set_editing(None)
         turns = self.conversation.turns
         self.show_turns([*turns[:index], replace(turns[index], text=text)])
-        history, engine = self.app.history, self.app.engine
-        conversation, conversation_id = self.conversation, self.conversation_id
+        history, conversation, conversation_id = self.app.history, self.conversation, self.conversation_id
+        assert conversation_id is not None       # only a kept conversation's turns are edited (last_user_turn)
 
         def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
             saved.rewind(history, conversation_id, index)
             pieces = engine.edit(conversation, index, text, on_reply=replies.append)
             saved.save_user_turn(history, conversation_id, conversation.turns[index])
             return conversation_id, pieces
-        self.answer(begin)
+        self.answer(engine, begin)
 
-    def answer(self, begin: Begin) -> None:
+    def answer(self, engine: ChatEngine, begin: Begin) -> None:
         """Answer in a worker, into a new message at the end of the log."""
         self.generating = True
-        self.stream_answer(begin, self.conversation, self.query_one(ChatLog).add_assistant(status="stopped"))
+        message = self.query_one(ChatLog).add_assistant(status="stopped")
+        self.stream_answer(engine, begin, self.conversation, message)
 
     @work(thread=True, exclusive=True, group="generation")
-    def stream_answer(self, begin: Begin, conversation: Conversation, message: AssistantMessage) -> None:
+    def stream_answer(self, engine: ChatEngine, begin: Begin, conversation: Conversation,
+                      message: AssistantMessage) -> None:
         """`begin` updates `conversation` and the history and returns the answer's pieces; the image is
         encoded first (with a progress bar, instant when cached), then the answer streams into `message`.
 
         A worker thread: it changes the screen only through `call_from_thread`, and reads nothing of it but
         what it was given (`generating` keeps the conversation from being switched meanwhile)."""
-        app, model = self.app, self.app.model
+        app, model = self.app, engine.model
         status = "error"
         app.model_lock.acquire()                  # after an encode of the attached image still running
         try:
             replies: list[Reply] = []
             conversation_id, pieces = begin(replies)
-            _, image = app.engine.current_image(conversation)
+            _, image = engine.current_image(conversation)
             if image is not None and model.vision is not None:
                 model.encode_image(image, progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
                 app.call_from_thread(self.show_progress, "encoding image", 1.0)
@@ -373,16 +381,17 @@ class ChatScreen(Screen):
         if index is None:
             self.notify("Nothing to answer again yet", severity="warning")
             return
-        if not self.can_answer():
+        engine = self.ready_engine()
+        if engine is None:
             return
         self.show_turns(self.conversation.turns[:index + 1])
-        history, engine = self.app.history, self.app.engine
-        conversation, conversation_id = self.conversation, self.conversation_id
+        history, conversation, conversation_id = self.app.history, self.conversation, self.conversation_id
+        assert conversation_id is not None       # last_user_turn: only a kept conversation has one
 
         def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
             saved.rewind(history, conversation_id, index + 1)
             return conversation_id, engine.regenerate(conversation, on_reply=replies.append)
-        self.answer(begin)
+        self.answer(engine, begin)
 
     def action_edit_last(self) -> None:
         """Put the last message of yours in the input box; sending it replaces it and what followed."""
