@@ -29,7 +29,10 @@ def _answer_with_a_bug(self, conversation, *args, **kwargs):
 
 
 def _first_piece_then_a_bug(pieces):
-    yield from islice(pieces, 1)
+    try:
+        yield from islice(pieces, 1)
+    finally:
+        pieces.close()          # as when the engine itself raises: the generators below end before the error
     raise RuntimeError(MESSAGE)
 
 
