@@ -1,4 +1,5 @@
 # Two entry points from a fresh clone: `make chat` and `make test`. Both set everything up first.
+# `make lint` runs ruff and mypy.
 # `make test-devices` builds a second environment with ggml's RPC backend and runs the device tests.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,14 +8,14 @@ DEVICES_VENV ?= .venv-rpc
 DEVICES_BIN := $(DEVICES_VENV)/bin
 LLAMA_CPP_PYTHON := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
-.PHONY: chat test test-devices install bench clean kernels-werror
+.PHONY: chat test lint test-devices install bench clean kernels-werror
 
 KERNEL_SOURCES := $(wildcard models/kernels/*.c models/kernels/*.h)
 
 $(BIN)/.installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -24,6 +25,11 @@ chat: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# ruff (its rules and why: pyproject.toml) and mypy over assistant/ convert/ models/; CI wants zero findings.
+lint: install
+	$(BIN)/ruff check assistant convert models
+	$(BIN)/mypy
 
 # llama-cpp-python built from source with the RPC backend (about 5 minutes on 2 cores), never from pip's
 # cache (it holds the CPU build) and never into it.

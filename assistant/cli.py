@@ -1,15 +1,20 @@
-"""The `lva` command line. Every foreseeable failure ends as one line on stderr and a non-zero exit."""
+"""The `lva` command line. Every foreseeable failure (an `LvaError`) ends as one line on stderr and a non-zero
+exit; anything else is a bug, shown with its traceback and a line that says so."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from assistant import store
+from models.errors import LvaError
 
 EXIT_ERROR = 1
+EXIT_BUG = 70                                        # sysexits.h's EX_SOFTWARE: an internal software error
 EXIT_INTERRUPTED = 130
+BUG = "lva: this is a bug in lva, not something you did; please report it with the traceback above"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="checkpoint directory or Hugging Face repo id")
     convert.add_argument("--out", type=Path, help="output directory (default: the model store)")
     convert.add_argument("--quant", default=DEFAULT_QUANT, metavar="TYPE",
-                         help=f"text tower and cross-attention type: {', '.join(QUANT_TYPES)} (default {DEFAULT_QUANT})")
+                         help=f"text tower and cross-attention type: {', '.join(QUANT_TYPES)} "
+                              f"(default {DEFAULT_QUANT})")
     convert.add_argument("--vision-quant", metavar="TYPE",
                          help=f"vision encoder type: {', '.join(VISION_TYPES)} (default F16; F32 with --quant F32)")
     convert.add_argument("--name", help="model name in the file names (default: from the checkpoint)")
@@ -171,28 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             args.command, "what was answered so far is kept")
         print(f"lva: interrupted; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as error:  # noqa: BLE001  (only the user-facing kinds below are caught)
-        if not _is_user_error(error):
-            raise
+    except LvaError as error:
+        print(f"lva: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except OSError as error:                         # the machine's: a full disk, a permission, a device
         print(f"lva: error: {error}", file=sys.stderr)
         return EXIT_ERROR
-
-
-def _is_user_error(error: Exception) -> bool:
-    """The typed errors a user can cause; anything else is a bug and keeps its traceback."""
-    from assistant.chat.engine import ChatError
-    from assistant.history import HistoryError
-    from assistant.images import ImageError
-    from assistant.store import ModelNotFound
-    from convert.errors import ConvertError
-    from models.ggml import LlamaCppVersionError
-    from models.rpc import RpcError
-
-    user_errors = (ConvertError, LlamaCppVersionError, ModelNotFound, ImageError, ChatError, HistoryError, OSError,
-                   RpcError)
-    if isinstance(error, user_errors):
-        return True
-    from assistant.runtime import ModelError
-    from models.gguf_tensors import GGUFError
-
-    return isinstance(error, (ModelError, GGUFError))
+    except Exception:  # noqa: BLE001  (a bug: shown whole, and said to be one)
+        traceback.print_exc()
+        print(BUG, file=sys.stderr)
+        return EXIT_BUG

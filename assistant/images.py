@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.errors import LvaError
 from models.mllama.hparams import ImagePreprocessing, hf_aspect_ratios
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
 
-class ImageError(ValueError):
+class ImageError(LvaError):
     """A user-supplied image that cannot be used; str() is a one-line message naming the file."""
 
 
@@ -98,7 +99,8 @@ def content_id(image: Image.Image) -> str:
     h.update(f"{image.mode}\0{image.size[0]}x{image.size[1]}\0".encode())
     h.update(image.tobytes())
     if image.palette is not None:
-        h.update(b"\0palette\0" + image.palette.mode.encode() + b"\0" + bytes(image.getpalette(image.palette.mode)))
+        palette = bytes(image.getpalette(image.palette.mode) or [])
+        h.update(b"\0palette\0" + image.palette.mode.encode() + b"\0" + palette)
     h.update(f"\0transparency\0{image.info.get('transparency')!r}".encode())
     return h.hexdigest()
 
@@ -161,7 +163,8 @@ def preprocess(image: Image.Image, p: ImagePreprocessing, tile_size: int, max_nu
     canvas = np.zeros((rows * tile_size, cols * tile_size, 3), dtype=np.uint8)
     canvas[:new_h, :new_w] = resized
     # HF rescales in float64 and rounds to float32; normalising is then float32.
-    x = (canvas.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale else canvas.astype(np.float32)
+    x: np.ndarray = ((canvas.astype(np.float64) * p.rescale_factor).astype(np.float32) if p.do_rescale
+                     else canvas.astype(np.float32))
     if p.do_normalize:
         x = (x - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from models.errors import LvaError
+
 APP_NAME = "lva"
 MODEL_FILE = re.compile(r"^(?P<name>.+)-(?P<tower>text|vision)-(?P<quant>[A-Za-z0-9_]+)\.gguf$")
 
@@ -66,8 +68,10 @@ def find_vision_file(text_path: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(LvaError):
     """`--model` names nothing usable, or there is no single model to default to; one line for the user."""
+
+    http_status = 404
 
 
 def resolve_model(choice: str | None = None, directory: Path | None = None) -> Path:
@@ -89,4 +93,6 @@ def resolve_model(choice: str | None = None, directory: Path | None = None) -> P
     if len(models) > 1:
         names = ", ".join(f"{m.name}-{m.quant}" for m in models)
         raise ModelNotFound(f"several models could run ({names}); choose one with --model")
-    return models[0].text
+    text = models[0].text
+    assert text is not None                          # the models without one were left out above
+    return text

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import machine, write_section  # noqa: E402
-from runtime_bench import FULL, QUICK, make_image, prepare_pair  # noqa: E402
+from synthetic_pair import FULL, QUICK, make_image, prepare_pair  # noqa: E402
 
 from assistant import load_model  # noqa: E402
 from assistant.chat.engine import ChatEngine, Conversation, Sampling  # noqa: E402

@@ -50,7 +50,8 @@ from assistant.runtime.devices import build, offload_devices  # noqa: E402
 from models import ggml, rpc  # noqa: E402
 
 from report import machine, write_section  # noqa: E402
-from runtime_bench import CallbackTimer, Depth, build_prompts, make_image, prepare_pair  # noqa: E402
+from decode_timing import CallbackTimer, build_prompts  # noqa: E402
+from synthetic_pair import Depth, make_image, prepare_pair  # noqa: E402
 
 HEADING = "## Devices (GPUs; ggml's RPC backend as the test bed)"
 INTRO = """\

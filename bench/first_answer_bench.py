@@ -2,7 +2,7 @@
 
 What every CPU user feels on every new image: the time from asking to the first token. One run builds a
 synthetic checkpoint at the real Llama 3.2 11B Vision widths (full vision tower, a shallower text tower:
-`runtime_bench.FULL`), converts it to Q4_K_M with lva's default F16 vision tower, and measures, each side
+`synthetic_pair.FULL`), converts it to Q4_K_M with lva's default F16 vision tower, and measures, each side
 in a fresh process on the same thread count, two first answers about new 4-tile images in a row (the
 first also pages the weights in and makes the one-time copies; the second shows the steady state), then
 the tower alone on a 1-tile image:
@@ -51,7 +51,8 @@ from models.kernels.paths import GGML_PRODUCTS  # noqa: E402
 from tests.synthetic_checkpoint import write_checkpoint  # noqa: E402
 
 from report import emulation_note, machine, write_section  # noqa: E402
-from runtime_bench import DEFAULT_REFERENCE_PYTHON, FULL, QUICK, SHARD_BYTES, in_child, make_image  # noqa: E402
+from hf_reference import DEFAULT_REFERENCE_PYTHON  # noqa: E402
+from synthetic_pair import FULL, QUICK, SHARD_BYTES, in_child, make_image  # noqa: E402
 
 QUANT = "Q4_K_M"
 PROMPT = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>Describe this picture in one "

@@ -1,8 +1,8 @@
 """HF transformers' Llama 3.2 Vision tower + projector in bf16 on one 4-tile image: the speed to beat.
 
-Run by `bench/runtime_bench.py` with an interpreter that has torch and transformers (the project's
-own environment has neither); prints one JSON object on stdout. The weights are random: the speed of
-a dense bf16 forward does not depend on their values. One timed forward, no warm-up: at about 100 s
+Run by `bench/hf_reference.py` (for runtime_bench.py) with an interpreter that has torch and transformers
+(the project's own environment has neither); prints one JSON object on stdout. The weights are random: the
+speed of a dense bf16 forward does not depend on their values. One timed forward, no warm-up: at about 100 s
 per forward on a 2-core machine a warm-up would double the cost, and the first call's one-off work
 (allocations, kernel selection) is small next to it.
 

@@ -39,7 +39,7 @@ from assistant.runtime.model import SamplingParams  # noqa: E402
 from assistant.runtime.parallel import ParallelDecoder, Request  # noqa: E402
 from first_answer_bench import prepare  # noqa: E402
 from report import machine, write_section  # noqa: E402
-from runtime_bench import FULL, make_image  # noqa: E402
+from synthetic_pair import FULL, make_image  # noqa: E402
 
 STREAMS = (1, 2, 4)
 PROMPT_TOKENS, DECODE_TOKENS = 64, 64

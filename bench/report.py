@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 from pathlib import Path
+
+from models.atomic_write import write_atomically
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
 
@@ -75,9 +76,5 @@ def write_section(name: str, report: str, preamble: str = "") -> None:
         text = before + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + (f"{preamble}\n\n" if preamble else "") + section + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=DOCS.parent, delete=False, suffix=".tmp") as out:
+    with write_atomically(DOCS, "w") as out:
         out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(out.name, DOCS)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine, write_section  # noqa: E402
 
 from assistant import load_model  # noqa: E402
-from assistant.chat.template import ChatMessage, ChatTemplate  # noqa: E402
+from assistant.chat.template import ChatTemplate, TemplateMessage  # noqa: E402
 from convert.pipeline import convert  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -84,7 +84,7 @@ class PythonApi:
         self.template = ChatTemplate(self.model.chat_template, self.model.special_token_text(self.model.bos_token))
 
     def ask(self, case: Case) -> int:
-        prompt = self.template.render([ChatMessage("user", TEXT, has_image=case.image is not None)])
+        prompt = self.template.render([TemplateMessage("user", TEXT, has_image=case.image is not None)])
         tokens = []
         for _ in self.model.generate(self.model.tokenize(prompt), image=case.image, max_tokens=case.max_tokens,
                                      temperature=0.0, on_token=tokens.append):

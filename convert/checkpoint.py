@@ -82,7 +82,7 @@ class Checkpoint:
     def expected_tensors(self) -> Iterator[str]:
         """Every HF tensor name the conversion reads."""
         text, vision = self.hparams.text, self.hparams.vision
-        blocks = [(W.TextModel, "", "")]
+        blocks: list[tuple[type, str, str]] = [(W.TextModel, "", "")]
         blocks += [(W.SelfAttentionLayer, *W.self_attention_prefixes(j, i))
                    for j, i in enumerate(text.self_attention_layers)]
         blocks += [(W.CrossAttentionLayer, *W.cross_attention_prefixes(i)) for i in text.cross_attention_layers]
@@ -120,6 +120,13 @@ class Checkpoint:
         if embed.shape[0] <= self.hparams.image_token_id or embed.shape[0] < text.vocab_size:
             raise ConvertError(f"embed_tokens has {embed.shape[0]} rows; the config needs "
                                f"{max(text.vocab_size, self.hparams.image_token_id + 1)}")
+
+
+def source_name(name: W.WeightName) -> str:
+    """The checkpoint's name of a tensor the conversion reads (every one but rope_freqs, which it computes)."""
+    if name.hf is None:
+        raise KeyError(f"{name.gguf} is not read from the checkpoint")
+    return name.hf
 
 
 def _canonical(name: str) -> str:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from convert.errors import ConvertError
 from models import ggml
+from models.atomic_write import sync_folder
 
 CHUNK_BYTES = 64 * 1024 * 1024          # float32 bytes converted at a time
 PART_SUFFIX = ".part"
@@ -107,6 +108,7 @@ def write_gguf(path: Path, writer: GGUFWriter, tensors: list[PlannedTensor], pro
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    assert writer.fout is not None                   # opened by write_header_to_file
     out = writer.fout[0]
     for t in tensors:
         writer.write_padding(out, out.tell())
@@ -133,16 +135,8 @@ def published_together(paths: list[Path]) -> Iterator[list[Path]]:
             with open(part, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(part, final)
-        _fsync_directory({p.parent for p in paths})
+        for folder in {p.parent for p in paths}:
+            sync_folder(folder)
     finally:
         for part in parts:
             part.unlink(missing_ok=True)
-
-
-def _fsync_directory(directories: set[Path]) -> None:
-    for directory in directories:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -7,6 +7,7 @@ interleaved one llama.cpp's `llama` architecture uses (as convert_hf_to_gguf doe
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
 
-from convert.checkpoint import Checkpoint
+from convert.checkpoint import Checkpoint, source_name
 from convert.gguf_output import PlannedTensor, Rows, add_metadata, write_gguf
 from convert.quant_types import FLOAT_FTYPES, storage_type
 from convert.tokenizer import Vocabulary, read_vocabulary
@@ -81,19 +82,19 @@ def plan_text_tensors(checkpoint: Checkpoint, float_type: T) -> list[PlannedTens
             if factors is not None:
                 plans.append(planned(name, factors.shape, array_rows(factors)))
             continue
-        entry = checkpoint.entry(name.hf)
+        entry = checkpoint.entry(source_name(name))
         shape = (text.vocab_size, entry.shape[1]) if name.field == "token_embd" else entry.shape
-        plans.append(planned(name, shape, checkpoint_rows(checkpoint, name.hf, shape[-1])))
+        plans.append(planned(name, shape, checkpoint_rows(checkpoint, source_name(name), shape[-1])))
 
     heads = {"attn_q": text.num_attention_heads, "attn_k": text.num_key_value_heads}
     for gguf_index, stack_index in enumerate(text.self_attention_layers):
         for name in W.names(W.SelfAttentionLayer, *W.self_attention_prefixes(gguf_index, stack_index)):
-            entry = checkpoint.entry(name.hf)
+            entry = checkpoint.entry(source_name(name))
             if name.field in heads:
                 n_head = heads[name.field]
-                rows = whole_tensor_rows(checkpoint, name.hf, lambda w, n=n_head: rope_permute(w, n))
+                rows = whole_tensor_rows(checkpoint, source_name(name), partial(rope_permute, n_head=n_head))
             else:
-                rows = checkpoint_rows(checkpoint, name.hf, entry.shape[-1])
+                rows = checkpoint_rows(checkpoint, source_name(name), entry.shape[-1])
             plans.append(planned(name, entry.shape, rows))
     return plans
 

@@ -13,7 +13,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
 
-from convert.checkpoint import Checkpoint
+from convert.checkpoint import Checkpoint, source_name
 from convert.gguf_output import PlannedTensor, add_metadata, write_gguf
 from convert.quant_types import storage_type
 from convert.text_tower import array_rows, checkpoint_rows
@@ -44,11 +44,11 @@ def plan_vision_tensors(checkpoint: Checkpoint, vision_type: T, cross_type: T) -
     plans = []
     for block, gguf_prefix, hf_prefix, matrix_type in blocks:
         for name in W.names(block, gguf_prefix, hf_prefix):
-            shape = checkpoint.entry(name.hf).shape
+            shape = checkpoint.entry(source_name(name)).shape
             plans.append(PlannedTensor(name.gguf, shape, _tensor_type(name.kind, matrix_type, shape[-1]),
-                                       checkpoint_rows(checkpoint, name.hf, shape[-1])))
+                                       checkpoint_rows(checkpoint, source_name(name), shape[-1])))
     (image_token,) = W.names(W.ImageToken)
-    embed = checkpoint.entry(image_token.hf)
+    embed = checkpoint.entry(source_name(image_token))
     row = embed.read_flat(hp.image_token_id * embed.shape[1], (hp.image_token_id + 1) * embed.shape[1])
     plans.append(PlannedTensor(image_token.gguf, row.shape, T.F32, array_rows(row)))
     return plans

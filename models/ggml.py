@@ -20,10 +20,12 @@ from gguf import GGMLQuantizationType
 
 import llama_cpp
 
+from models.errors import LvaError
+
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
 
 
-class LlamaCppVersionError(RuntimeError):
+class LlamaCppVersionError(LvaError):
     """The installed llama-cpp-python is not the one the ggml binding was written for."""
 
 
@@ -384,7 +386,7 @@ class Graph:
 # ---------------------------------------------------------------------------------------------- backends
 
 
-class DeviceError(RuntimeError):
+class DeviceError(LvaError):
     """A device cannot do what lva asks of it (out of memory, an op it lacks); the message is one line."""
 
 

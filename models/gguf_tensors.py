@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from models import ggml
+from models.errors import LvaError
 from models.mllama.weights import names
 
 Block = TypeVar("Block")
@@ -22,7 +23,7 @@ FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizat
 Progress = Callable[[float], None]
 
 
-class GGUFError(ValueError):
+class GGUFError(LvaError):
     """A file that is not a readable GGUF, or lacks a tensor the model needs."""
 
 

@@ -21,6 +21,7 @@ import struct
 from ctypes import c_char_p, c_size_t, c_void_p
 
 from models import ggml
+from models.errors import LvaError
 from models.ggml import Device, _lib
 
 # ggml-rpc.h of the pinned ggml: the protocol version a server must speak (same major, minor not newer).
@@ -35,7 +36,7 @@ _START_SERVER = ctypes.CFUNCTYPE(None, c_char_p, c_char_p, c_size_t, c_size_t, c
 _added: dict[str, list[Device]] = {}     # endpoint -> its devices; ggml keeps a server for the whole process
 
 
-class RpcError(RuntimeError):
+class RpcError(LvaError):
     """An RPC server that cannot be used, or a build without the RPC backend; the message is one line."""
 
 

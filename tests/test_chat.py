@@ -11,7 +11,7 @@ import pytest
 
 from assistant import load_model
 from assistant.chat.engine import ChatEngine, ChatError, Conversation, Sampling
-from assistant.chat.template import ChatMessage, ChatTemplate
+from assistant.chat.template import ChatTemplate, TemplateMessage
 from convert.pipeline import convert
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -41,9 +41,9 @@ def model(pair):
 def test_the_checkpoints_template_renders_the_prompts_hf_rendered(model, reference) -> None:
     template = ChatTemplate(model.chat_template, model.special_token_text(model.bos_token))
     prompts = {case["name"]: case["prompt"] for case in reference["cases"]}
-    assert template.render([ChatMessage("user", "Describe this image.", has_image=True)]) == \
+    assert template.render([TemplateMessage("user", "Describe this image.", has_image=True)]) == \
         prompts["image_first.rgb_3x5"]
-    chat = template.render([ChatMessage("system", "Be brief."), ChatMessage("user", "Why is the sky blue?")],
+    chat = template.render([TemplateMessage("system", "Be brief."), TemplateMessage("user", "Why is the sky blue?")],
                            date_string="26 Jul 2024")
     assert chat == prompts["text_chat"]
 

@@ -169,6 +169,23 @@ def test_a_bad_image_path_is_a_notification_and_the_app_stays_alive(tmp_path):
     run_chat(scenario)
 
 
+def test_an_error_from_the_engine_is_a_one_line_notification_and_the_app_stays_alive():
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        sampling = screen.conversation.sampling
+        screen.conversation.sampling = sampling.__class__(max_tokens=app.model.n_ctx - 4)
+        await send(pilot, "a message with no room left for its answer")
+        [notification] = app._notifications
+        assert notification.severity == "error" and notification.title == "Cannot answer"
+        assert "the message is too long" in notification.message and "\n" not in notification.message
+        screen.conversation.sampling = sampling
+        await send(pilot, "still here?")
+        kept = app.history.messages(screen.conversation_id)
+        assert [(m.role, m.text) for m in kept[-2:]] == [("user", "still here?"), ("assistant", kept[-1].text)]
+        assert kept[-1].status in ("complete", "stopped")
+
+    run_chat(scenario)
+
+
 def test_attaching_an_image_starts_the_encoder_and_sending_does_not_encode_again():
     async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
         await paste(pilot, str(IMAGE))

@@ -40,6 +40,7 @@ def test_main_screen_with_an_image_attached(snap_compare):
         screen = await ready(pilot)
         await paste(pilot, str(IMAGE))
         await until(lambda: screen.attachment == Path(IMAGE) and screen.query_one(AttachmentBar).has_class("-attached"))
+        await pilot.app.workers.wait_for_complete()     # the encode started by the paste: its progress bar gone
         prompt = screen.query_one(PromptInput)
         prompt.focus()                                    # the cursor is drawn where the input has focus
         await until(lambda: screen.focused is prompt)

@@ -14,7 +14,9 @@ import pytest
 from assistant import store
 from assistant.history import History
 from convert.pipeline import convert
+from assistant.cli import BUG, EXIT_BUG
 from tests.conftest import REPO_ROOT
+from tests.planted_bug import MESSAGE, TRIGGER
 
 IMAGE = Path(__file__).parent / "fixtures" / "images" / "rgb_173x97.png"
 SOCKET = f"lva-test-{os.getpid()}"
@@ -37,8 +39,9 @@ def wait_for(condition, what: str, timeout: float = 60) -> None:
     raise AssertionError(f"timed out waiting for {what}; the screen was:\n{screen()}")
 
 
-def start_app(lva_home: Path) -> None:
-    command = f"cd {REPO_ROOT} && LVA_HOME={lva_home} PYTHONPATH={REPO_ROOT} {sys.executable} -m assistant chat"
+def start_app(lva_home: Path, module: str = "assistant", after: str = "") -> None:
+    """`python -m MODULE chat` in tmux (`tests.planted_bug`: lva with a bug planted); `after` is shell after it."""
+    command = f"cd {REPO_ROOT} && LVA_HOME={lva_home} PYTHONPATH={REPO_ROOT} {sys.executable} -m {module} chat{after}"
     tmux("new-session", "-d", "-s", "app", "-x", "120", "-y", "36", command)
     wait_for(lambda: "context" in screen(), "the app to start")
 
@@ -75,6 +78,15 @@ def test_the_app_answers_takes_a_pasted_image_and_remembers_after_a_restart(term
     # The sidebar has the conversation; the chat its last turn with the image (now the history's own copy).
     wait_for(lambda: "Hello there" in screen() and "What is in it?" in screen() and "🖼" in screen(),
              "the conversation and its image after the restart")
+
+
+def test_a_bug_ends_the_app_with_its_traceback_and_a_line_saying_it_is_one(terminal, lva_home: Path) -> None:
+    start_app(lva_home, "tests.planted_bug", '; echo "lva exited with $?"; sleep 120')
+    tmux("send-keys", "-t", "app", f"Please {TRIGGER}.", "Enter")
+    wait_for(lambda: "lva exited with" in screen(), "the app to end")
+    shown = tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "app")        # with what scrolled off the screen
+    assert "Traceback" in shown and f"RuntimeError: {MESSAGE}" in shown
+    assert f"{BUG}\nlva exited with {EXIT_BUG}" in shown
 
 
 def _has_sessions() -> bool:

@@ -15,14 +15,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Generator, Literal
 
-from assistant.chat.template import IMAGE_TOKEN, ChatMessage, ChatTemplate, ChatTemplateError
+from assistant.chat.template import IMAGE_TOKEN, ChatTemplate, ChatTemplateError, TemplateMessage
+from models.errors import LvaError
 
 DEFAULT_MAX_TOKENS = 1024
+Answer = Generator[str, None, None]     # an answer's text pieces as they are sampled; close() it to stop early
 
 
-class ChatError(ValueError):
+class ChatError(LvaError):
     """Something the user can fix: the message is one line."""
 
 
@@ -65,7 +67,7 @@ class Reply:
     """What one answer cost and what happened around it."""
 
     text: str = ""
-    status: str = "complete"
+    status: Literal["complete", "stopped"] = "complete"
     done_reason: str = "stop"                   # as Ollama says it: stop (end of turn) | length (max_tokens) | stopped
     prompt_tokens: int = 0                      # the whole prompt
     evaluated_tokens: int = 0                   # of those, what the KV cache did not already hold
@@ -114,7 +116,7 @@ class ChatEngine:
     def _end_of_message(self) -> str:
         """The text the template puts right after an assistant message (`<|eot_id|>` for Llama 3)."""
         marker = "\x00answer\x00"
-        text = self.template.render([ChatMessage("user", "?"), ChatMessage("assistant", marker)],
+        text = self.template.render([TemplateMessage("user", "?"), TemplateMessage("assistant", marker)],
                                     add_generation_prompt=False)
         return text.split(marker, 1)[1] if marker in text else ""
 
@@ -128,16 +130,12 @@ class ChatEngine:
                 return index, conversation.turns[index].image
         return None, None
 
-    def _messages(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[ChatMessage]:
-        messages = [ChatMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
-        return messages + [ChatMessage(t.role, t.text, has_image=(i == image_turn)) for i, t in enumerate(turns)]
+    def _messages(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[TemplateMessage]:
+        messages = [TemplateMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
+        return messages + [TemplateMessage(t.role, t.text, has_image=(i == image_turn)) for i, t in enumerate(turns)]
 
     def _render(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[int]:
-        variables = {"date_string": self.date_string} if self.date_string else {}
-        try:
-            text = self.template.render(self._messages(conversation, turns, image_turn), **variables)
-        except ChatTemplateError as exc:
-            raise ChatError(str(exc)) from None
+        text = self._text(conversation, turns, image_turn, add_generation_prompt=True)
         if image_turn is not None and IMAGE_TOKEN not in text:
             raise ChatError("this model's chat template has no place for an image (is it a vision model?)")
         return self.model.tokenize(text)
@@ -192,7 +190,7 @@ class ChatEngine:
 
     def _text(self, conversation: Conversation, turns: list[Turn], image_turn: int | None,
               add_generation_prompt: bool) -> str:
-        variables = {"date_string": self.date_string} if self.date_string else {}
+        variables: dict[str, Any] = {"date_string": self.date_string} if self.date_string else {}
         try:
             return self.template.render(self._messages(conversation, turns, image_turn),
                                         add_generation_prompt=add_generation_prompt, **variables)
@@ -202,14 +200,14 @@ class ChatEngine:
     # ------------------------------------------------------------------------------------------ answers
 
     def send(self, conversation: Conversation, text: str, image: Path | None = None,
-             on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+             on_reply: Callable[[Reply], None] | None = None) -> Answer:
         """Add a user turn and stream the answer; the finished `Reply` goes to `on_reply`."""
         if image is not None and getattr(self.model, "vision", None) is None:
             raise ChatError(f"{self.model.text_path.name} has no vision file, so it cannot look at images")
         conversation.turns.append(Turn("user", text, image=Path(image) if image else None))
         return self._answer(conversation, on_reply)
 
-    def regenerate(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+    def regenerate(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Answer:
         """Drop the last answer and answer the last user turn again."""
         if conversation.turns and conversation.turns[-1].role == "assistant":
             conversation.turns.pop()
@@ -221,7 +219,7 @@ class ChatEngine:
         return self._answer(conversation, on_reply, prompt)
 
     def edit(self, conversation: Conversation, index: int, text: str,
-             on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+             on_reply: Callable[[Reply], None] | None = None) -> Answer:
         """Replace user turn `index`, forget everything after it, and answer from there."""
         if not 0 <= index < len(conversation.turns) or conversation.turns[index].role != "user":
             raise ChatError(f"turn {index + 1} is not a message of yours")
@@ -230,7 +228,7 @@ class ChatEngine:
         conversation.transcript, conversation.transcript_turns = [], 0
         return self._answer(conversation, on_reply)
 
-    def answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+    def answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Answer:
         """Answer a conversation whose last turn is the user's, as it stands: a conversation that does not
         fit the context is refused (`ContextOverflow`), not shortened, and the answer ends at max_tokens or
         when the context is full. For clients that send whole conversations (`lva serve`)."""
@@ -241,7 +239,7 @@ class ChatEngine:
         return self._answer(conversation, on_reply, drop_turns=False)
 
     def complete(self, text: str, image: Path | bytes | None, sampling: Sampling,
-                 on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
+                 on_reply: Callable[[Reply], None] | None = None) -> Answer:
         """Continue a raw prompt, no chat template (Ollama's `raw`); `<|image|>` in `text` binds the image."""
         ids = self.model.tokenize(text)
         if not ids:
@@ -255,7 +253,7 @@ class ChatEngine:
         self._stop.set()
 
     def _answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None,
-                prompt: list[int] | None = None, drop_turns: bool = True) -> Iterator[str]:
+                prompt: list[int] | None = None, drop_turns: bool = True) -> Answer:
         ids, image, dropped = self.prompt(conversation, drop_turns)
         if prompt is not None:
             ids, dropped = prompt, 0
@@ -280,7 +278,7 @@ class ChatEngine:
             yield piece
 
     def _generate(self, ids: list[int], image: Path | bytes | None, sampling: Sampling, reply: Reply,
-                  tokens: list[int], on_reply: Callable[[Reply], None] | None) -> Iterator[str]:
+                  tokens: list[int], on_reply: Callable[[Reply], None] | None) -> Answer:
         """Stream the answer to `ids`, keeping its ids in `tokens`; `reply` is complete when `on_reply` sees
         it, also when the caller stops early or closes the iterator."""
         self._stop.clear()

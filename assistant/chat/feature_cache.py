@@ -9,13 +9,13 @@ evicts the least recently used entries (reads refresh an entry's time).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from assistant.store import cache_dir
+from models.atomic_write import write_atomically
 
 DEFAULT_CAP_BYTES = 4 * 10**9
 
@@ -40,19 +40,11 @@ class FeatureCache:
 
     def store(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         """Best effort: a cache that cannot be written (full disk) only costs a later re-encode."""
-        temporary = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".part", delete=False) as f:
-                temporary = Path(f.name)
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self._path(key))
+            with write_atomically(self._path(key)) as file:
+                np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub takes any key for allow_pickle
             _touch(self._path(key))
         except OSError:
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
             return
         self._evict()
 

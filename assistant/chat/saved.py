@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from assistant.chat.engine import Conversation, Reply, Sampling, Turn
+from assistant.chat.engine import Answer, Conversation, Reply, Sampling, Turn
 from assistant.history import History
 
 SAVE_EVERY_SECONDS = 0.5
@@ -58,7 +58,7 @@ def save_user_turn(history: History, conversation_id: int, turn: Turn) -> None:
 
 
 def stream_answer(history: History, conversation_id: int, pieces: Iterator[str], model_name: str,
-                  sampling: Sampling, replies: list[Reply]) -> Iterator[str]:
+                  sampling: Sampling, replies: list[Reply]) -> Answer:
     """Pass the answer's pieces through, keeping the stored answer up to date; `replies` gets the Reply."""
     message = history.add_message(conversation_id, "assistant", "", model=model_name, sampling=asdict(sampling),
                                   status="stopped")

@@ -13,15 +13,19 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from models.errors import LvaError
 IMAGE_TOKEN = "<|image|>"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(LvaError):
     """The template refused the conversation (it says why) or could not be rendered."""
 
 
 @dataclass(frozen=True)
-class ChatMessage:
+class TemplateMessage:
+    """A message as the template renders it; the engine makes them from its turns (only the image the model
+    attends to is shown), the server's API schemas are parsed into turns before that."""
+
     role: str                      # system | user | assistant
     text: str
     has_image: bool = False        # the image is placed before the text, as Meta's examples do
@@ -42,7 +46,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"the model's chat template does not parse: {exc}") from None
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True, **variables: Any) -> str:
+    def render(self, messages: list[TemplateMessage], add_generation_prompt: bool = True, **variables: Any) -> str:
         """The prompt text; images appear as `<|image|>` where the template puts them."""
         rendered = [self._message(m) for m in messages]
         try:
@@ -54,7 +58,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"the model's chat template failed: {exc}") from None
 
     @staticmethod
-    def _message(message: ChatMessage) -> dict[str, Any]:
+    def _message(message: TemplateMessage) -> dict[str, Any]:
         if not message.has_image:
             return {"role": message.role, "content": message.text}
         return {"role": message.role, "content": [{"type": "image"}, {"type": "text", "text": message.text}]}

@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from assistant.chat.engine import ChatEngine, ChatError, Conversation, Sampling
+from assistant.chat.engine import ChatEngine, Conversation, Sampling
 from assistant.commands import common
 from assistant.images import ImageError, load_image
+from models.errors import LvaError
 
 
 def add_parser(commands) -> None:
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 if error is None:
                     try:
                         record.update(answer(engine, q, image_path, base))
-                    except (ChatError, ValueError) as exc:
+                    except LvaError as exc:
                         error = str(exc)
                 if error is not None:
                     record.update(response=None, prompt_tokens=0, completion_tokens=0, seconds=0.0, done_reason=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from assistant.commands import common
@@ -21,9 +22,14 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from assistant import store
+    from assistant.cli import BUG, EXIT_BUG
     from assistant.tui.app import LvaApp
 
     model = getattr(args, "model", None)
     path: Path | None = store.resolve_model(model) if model else None
-    LvaApp(model_path=path, n_ctx=getattr(args, "ctx", 4096), **common.device_options(args)).run()
+    app = LvaApp(model_path=path, n_ctx=getattr(args, "ctx", 4096), **common.device_options(args))
+    app.run()
+    if app.return_code:              # an exception nothing caught ended it (Textual printed its traceback): a bug
+        print(BUG, file=sys.stderr)
+        return EXIT_BUG
     return 0

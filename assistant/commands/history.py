@@ -33,6 +33,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from assistant.history import History
+    from assistant.history.export import export_json, export_markdown, import_json
 
     history = History()
     try:
@@ -43,17 +44,17 @@ def run(args: argparse.Namespace) -> int:
             for c in conversations:
                 print(f"{c.id:>5}  {c.updated_at:%Y-%m-%d %H:%M}  {c.title or '(untitled)'}")
         elif args.action == "show":
-            sys.stdout.write(history.export_markdown(args.id))
+            sys.stdout.write(export_markdown(history, args.id))
         elif args.action == "search":
             for conversation, snippet in history.search(args.query):
                 print(f"{conversation.id:>5}  {conversation.title or '(untitled)'}: {snippet}")
         elif args.action == "export":
             if args.format == "json":
-                print(json.dumps(history.export_json(args.id), ensure_ascii=False, indent=2))
+                print(json.dumps(export_json(history, args.id), ensure_ascii=False, indent=2))
             else:
-                sys.stdout.write(history.export_markdown(args.id))
+                sys.stdout.write(export_markdown(history, args.id))
         elif args.action == "import":
-            conversation = history.import_json(args.file.read_text(encoding="utf-8"))
+            conversation = import_json(history, args.file.read_text(encoding="utf-8"))
             print(f"imported as conversation {conversation.id}")
         elif args.action == "rename":
             history.rename(args.id, args.title)

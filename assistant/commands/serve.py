@@ -9,11 +9,12 @@ import socket
 import sys
 
 from assistant.commands import common
+from models.errors import LvaError
 
 DEFAULT_PORT = 11434            # Ollama's: its clients (Open WebUI, ollama-python, editors) find lva unchanged
 
 
-class PortInUse(OSError):
+class PortInUse(LvaError):
     """The port is taken; one line for the user."""
 
 

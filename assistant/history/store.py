@@ -17,27 +17,16 @@ Why it survives crashes:
 - Images are written to a temporary file in the target folder, fsynced, then renamed into place, so a
   stored image is either whole or absent.
 
-Export format ("lva-conversation", version 1), a JSON object with no database ids:
-    {"format": "lva-conversation", "version": 1,
-     "title", "created_at", "updated_at", "system_prompt", "model": str | null (times ISO 8601),
-     "sampling": object | null, "image": sha256 | null,
-     "messages": [{"role": "system" | "user" | "assistant", "text", "image": sha256 | null, "created_at",
-                   "prompt_tokens", "completion_tokens", "seconds", "model", "sampling",
-                   "status": "complete" | "stopped" | "error"}, ...],
-     "images": {sha256: {"name", "format", "mime", "width", "height", "bytes",
-                         "data": base64 of the file (only when exported with include_images=True)}}}
+Export and import (Markdown, JSON) are in export.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -51,6 +40,8 @@ from PIL import Image
 
 from assistant.history.migrations import MIGRATIONS, migrate, schema_version
 from assistant.store import data_dir
+from models.atomic_write import write_atomically
+from models.errors import LvaError
 
 Role = Literal["system", "user", "assistant"]
 Status = Literal["complete", "stopped", "error"]
@@ -58,8 +49,6 @@ ROLES: tuple[str, ...] = get_args(Role)
 STATUSES: tuple[str, ...] = get_args(Status)
 
 BUSY_TIMEOUT_S = 10.0       # how long a write waits for another process's transaction to finish
-EXPORT_FORMAT = "lva-conversation"
-EXPORT_VERSION = 1
 SNIPPET_MARKS = ("**", "**")  # around each matched word in `search` snippets: Markdown bold
 # SQL condition: an image that no conversation and no message refers to
 _UNUSED_IMAGE = ("id NOT IN (SELECT image_id FROM messages WHERE image_id IS NOT NULL)"
@@ -68,12 +57,14 @@ _UNUSED_IMAGE = ("id NOT IN (SELECT image_id FROM messages WHERE image_id IS NOT
 EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg"}
 
 
-class HistoryError(ValueError):
+class HistoryError(LvaError):
     """Something the user caused (an unknown id, a bad import, a file that is not a history); one line."""
 
 
+# The kept records (rows), named apart from the chat engine's live `Conversation` and `Turn`, which
+# assistant/chat/saved.py turns them into and back.
 @dataclass(frozen=True)
-class Conversation:
+class StoredConversation:
     id: int
     title: str | None
     created_at: datetime
@@ -85,7 +76,7 @@ class Conversation:
 
 
 @dataclass(frozen=True)
-class Message:
+class StoredMessage:
     id: int
     conversation_id: int
     position: int               # 0, 1, 2, ... within the conversation
@@ -141,39 +132,39 @@ class History:
     # --- conversations ---
 
     def new_conversation(self, title: str | None = None, system_prompt: str | None = None,
-                         model: str | None = None, sampling: Mapping[str, Any] | None = None) -> Conversation:
-        now = _now()
+                         model: str | None = None, sampling: Mapping[str, Any] | None = None) -> StoredConversation:
+        now = stored_time()
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO conversations (title, created_at, updated_at, system_prompt, model, sampling)"
                 " VALUES (?, ?, ?, ?, ?, ?)", (title, now, now, system_prompt, model, _json(sampling)))
             return _conversation_in(db, cursor.lastrowid)
 
-    def conversation(self, conversation_id: int) -> Conversation:
+    def conversation(self, conversation_id: int) -> StoredConversation:
         with self._read() as db:
             return _conversation_in(db, conversation_id)
 
-    def list_conversations(self, limit: int | None = None) -> list[Conversation]:
+    def list_conversations(self, limit: int | None = None) -> list[StoredConversation]:
         """Most recently active first."""
         with self._read() as db:
-            rows = db.execute(f"SELECT {_columns(Conversation)} FROM conversations"
+            rows = db.execute(f"SELECT {_columns(StoredConversation)} FROM conversations"
                               " ORDER BY updated_at DESC, id DESC LIMIT ?",
                               (-1 if limit is None else limit,))     # LIMIT -1: no limit
-            return [_from_row(Conversation, row) for row in rows]
+            return [_from_row(StoredConversation, row) for row in rows]
 
-    def last_conversation(self) -> Conversation | None:
+    def last_conversation(self) -> StoredConversation | None:
         """The one to resume on start-up, if there is any."""
         found = self.list_conversations(limit=1)
         return found[0] if found else None
 
-    def rename(self, conversation_id: int, title: str | None) -> Conversation:
+    def rename(self, conversation_id: int, title: str | None) -> StoredConversation:
         with self._write() as db:
             _conversation_in(db, conversation_id)
             db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id))
             return _conversation_in(db, conversation_id)
 
     def set_settings(self, conversation_id: int, system_prompt: str | None, sampling: Mapping[str, Any] | None
-                     ) -> Conversation:
+                     ) -> StoredConversation:
         """The conversation's system prompt and sampling, as its next turns will use them."""
         with self._write() as db:
             _conversation_in(db, conversation_id)
@@ -181,7 +172,7 @@ class History:
                        (system_prompt, _json(sampling), conversation_id))
             return _conversation_in(db, conversation_id)
 
-    def set_conversation_image(self, conversation_id: int, image_id: str | None) -> Conversation:
+    def set_conversation_image(self, conversation_id: int, image_id: str | None) -> StoredConversation:
         with self._write() as db:
             _conversation_in(db, conversation_id)
             if image_id is not None:
@@ -205,7 +196,7 @@ class History:
     def add_message(self, conversation_id: int, role: Role, text: str, image_id: str | None = None,
                     prompt_tokens: int | None = None, completion_tokens: int | None = None,
                     seconds: float | None = None, model: str | None = None,
-                    sampling: Mapping[str, Any] | None = None, status: Status = "complete") -> Message:
+                    sampling: Mapping[str, Any] | None = None, status: Status = "complete") -> StoredMessage:
         """Append a turn at the next position.
 
         For a streamed answer, add it with status 'stopped' and `update_message` it as text arrives:
@@ -213,7 +204,7 @@ class History:
         """
         _check_choice("role", role, ROLES)
         _check_choice("status", status, STATUSES)
-        now = _now()
+        now = stored_time()
         with self._write() as db:
             _conversation_in(db, conversation_id)
             if image_id is not None:
@@ -232,7 +223,7 @@ class History:
 
     def update_message(self, message_id: int, *, text: str | None = None, status: Status | None = None,
                        prompt_tokens: int | None = None, completion_tokens: int | None = None,
-                       seconds: float | None = None) -> Message:
+                       seconds: float | None = None) -> StoredMessage:
         """Change the given fields of a message (None leaves a field as it is); `text` is the whole text.
 
         Called while streaming, so it is one small transaction and no fsync (see the module docstring).
@@ -248,10 +239,10 @@ class History:
                 assignments = ", ".join(f"{column} = ?" for column in changes)  # our own column names
                 db.execute(f"UPDATE messages SET {assignments} WHERE id = ?", (*changes.values(), message_id))
                 db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
-                           (_now(), message.conversation_id))
+                           (stored_time(), message.conversation_id))
             return _message_in(db, message_id)
 
-    def messages(self, conversation_id: int) -> list[Message]:
+    def messages(self, conversation_id: int) -> list[StoredMessage]:
         """The turns in order."""
         with self._read() as db:
             _conversation_in(db, conversation_id)
@@ -263,7 +254,7 @@ class History:
             _conversation_in(db, conversation_id)
             cursor = db.execute("DELETE FROM messages WHERE conversation_id = ? AND position > ?",
                                 (conversation_id, position))
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), conversation_id))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stored_time(), conversation_id))
             return cursor.rowcount
 
     # --- images ---
@@ -276,15 +267,16 @@ class History:
         """
         data, name = _read_image_source(source, name)
         sha = hashlib.sha256(data).hexdigest()
-        image_format, mime, (width, height) = _describe_image(data, name)
+        image_format, mime, (width, height) = describe_image(data, name)
         relative_path = f"{sha[:2]}/{sha}{EXTENSIONS.get(image_format, '.' + image_format.lower())}"
         target = self.images_dir / relative_path
         with self._write() as db:   # the lock orders this against another process deleting the same image
             if not target.is_file():    # written atomically, so a file that is there is whole
-                _write_atomically(target, data)     # before the row, so a row never points at a missing file
+                with write_atomically(target) as file:   # before the row, so a row never points at a missing file
+                    file.write(data)
             db.execute("INSERT OR IGNORE INTO images (id, name, format, mime, width, height, bytes,"
                        " relative_path, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (sha, name, image_format, mime, width, height, len(data), relative_path, _now()))
+                       (sha, name, image_format, mime, width, height, len(data), relative_path, stored_time()))
             return _image_in(db, sha)
 
     def image(self, image_id: str) -> StoredImage:
@@ -296,7 +288,7 @@ class History:
 
     # --- search ---
 
-    def search(self, query: str, limit: int = 50) -> list[tuple[Conversation, str]]:
+    def search(self, query: str, limit: int = 50) -> list[tuple[StoredConversation, str]]:
         """Conversations whose title, or one of whose messages, contains every word of `query`.
 
         Words match as prefixes, after stemming ("run" finds "running"); FTS5 query syntax is not exposed,
@@ -321,70 +313,27 @@ class History:
             return [(_conversation_in(db, conversation_id), snippet)
                     for conversation_id, snippet in list(snippets.items())[:limit]]
 
-    # --- export and import ---
+    # --- whole conversations, for export.py ---
 
-    def export_markdown(self, conversation_id: int) -> str:
-        """A readable transcript: a heading per turn, images as links to the stored copies."""
+    def snapshot(self, conversation_id: int) -> tuple[StoredConversation, list[StoredMessage], dict[str, StoredImage]]:
+        """A conversation, its messages and the images they show, read at one moment."""
         with self._read() as db:
             conversation = _conversation_in(db, conversation_id)
             messages = _messages_in(db, conversation_id)
-            images = _images_in(db, [conversation.image_id, *(m.image_id for m in messages)])
-        lines = [f"# {conversation.title or 'Untitled conversation'}", ""]
-        about = [f"Started {conversation.created_at:%Y-%m-%d %H:%M} UTC"]
-        if conversation.model:
-            about.append(f"model {conversation.model}")
-        lines += [f"*{' · '.join(about)}*", ""]
-        if conversation.image_id:
-            lines += [self._markdown_image(images[conversation.image_id]), ""]
-        if conversation.system_prompt:
-            lines += ["**System prompt**", "", *(f"> {line}" for line in conversation.system_prompt.splitlines()), ""]
-        for message in messages:
-            lines += [f"## {message.role.capitalize()}", ""]
-            if message.image_id:
-                lines += [self._markdown_image(images[message.image_id]), ""]
-            lines += [message.text, ""]
-            if note := _message_note(message):
-                lines += [f"*{note}*", ""]
-        return "\n".join(lines)
+            return conversation, messages, _images_in(db, [conversation.image_id, *(m.image_id for m in messages)])
 
-    def export_json(self, conversation_id: int, include_images: bool = False) -> dict[str, Any]:
-        """The conversation as "lva-conversation" version 1 (see the module docstring): JSON types only.
-
-        Images are referenced by sha256 and described under "images"; with `include_images` their bytes
-        come along as base64, so the export alone is enough to restore them on another machine.
-        """
+    def has_image_file(self, image_id: str) -> bool:
+        """Whether the store holds image `image_id`, its file included."""
         with self._read() as db:
-            conversation = _conversation_in(db, conversation_id)
-            messages = _messages_in(db, conversation_id)
-            images = _images_in(db, [conversation.image_id, *(m.image_id for m in messages)])
-        return {
-            "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-            "title": conversation.title,
-            "created_at": conversation.created_at.isoformat(), "updated_at": conversation.updated_at.isoformat(),
-            "system_prompt": conversation.system_prompt, "model": conversation.model,
-            "sampling": conversation.sampling, "image": conversation.image_id,
-            "messages": [{"role": m.role, "text": m.text, "image": m.image_id, "created_at": m.created_at.isoformat(),
-                          "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
-                          "seconds": m.seconds, "model": m.model, "sampling": m.sampling, "status": m.status}
-                         for m in messages],
-            "images": {sha: self._exported_image(image, include_images) for sha, image in images.items()},
-        }
+            known = db.execute("SELECT relative_path FROM images WHERE id = ?", (image_id,)).fetchone()
+        return known is not None and (self.images_dir / known[0]).is_file()
 
-    def import_json(self, data: Mapping[str, Any] | str | bytes,
-                    images_dir: str | os.PathLike[str] | None = None) -> Conversation:
-        """Add an `export_json` conversation (a dict or its JSON text) as a new one, keeping its timestamps.
+    def restore(self, record: Mapping[str, Any]) -> StoredConversation:
+        """Add a conversation and its messages as they were (timestamps kept), in one transaction.
 
-        Each image comes from its embedded data, from this store if already there, or from `images_dir`
-        (another lva's images folder, or a folder holding the originals under their names); its bytes must
-        match its sha256. Everything is checked before anything is written.
+        `record` is an export checked by export.py, times already in the stored form; the images it names
+        must be in the store already.
         """
-        record = _parse_export(data)
-        referenced = {sha for sha in [record["image"], *(m["image"] for m in record["messages"])] if sha}
-        missing = {sha: self._image_to_import(sha, record["images"].get(sha, {}), images_dir)
-                   for sha in sorted(referenced)}
-        for sha, data in missing.items():
-            if data is not None:
-                self.add_image(data, record["images"].get(sha, {}).get("name"))
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO conversations (title, created_at, updated_at, system_prompt, model, sampling,"
@@ -431,41 +380,6 @@ class History:
             for sha, relative_path in images:
                 if not db.execute("SELECT 1 FROM images WHERE id = ?", (sha,)).fetchone():
                     (self.images_dir / relative_path).unlink(missing_ok=True)
-
-    def _markdown_image(self, image: StoredImage) -> str:
-        return f"![{image.name or image.id[:12]}]({(self.images_dir / image.relative_path).resolve().as_uri()})"
-
-    def _exported_image(self, image: StoredImage, include_data: bool) -> dict[str, Any]:
-        entry: dict[str, Any] = {"name": image.name, "format": image.format, "mime": image.mime,
-                                 "width": image.width, "height": image.height, "bytes": image.bytes}
-        if include_data:
-            path = self.images_dir / image.relative_path
-            try:
-                entry["data"] = base64.b64encode(path.read_bytes()).decode("ascii")
-            except FileNotFoundError:
-                raise HistoryError(f"image {image.name or image.id} is missing from {self.images_dir}") from None
-        return entry
-
-    def _image_to_import(self, sha: str, entry: Mapping[str, Any],
-                         images_dir: str | os.PathLike[str] | None) -> bytes | None:
-        """The bytes of image `sha`, from the export entry or `images_dir`; None if this store has it already."""
-        name = entry.get("name")
-        if entry.get("data") is not None:
-            try:
-                data = base64.b64decode(entry["data"], validate=True)
-            except binascii.Error:
-                raise HistoryError(f"import: images[{sha[:12]}…].data is not base64") from None
-        else:
-            with self._read() as db:
-                known = db.execute("SELECT relative_path FROM images WHERE id = ?", (sha,)).fetchone()
-            if known and (self.images_dir / known[0]).is_file():
-                return None
-            data = _find_image(sha, name, images_dir)
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise HistoryError(f"import: image {name or sha[:12]} does not match its sha256")
-        _describe_image(data, name)     # not an image: refuse now, before anything is written
-        return data
-
 
 # --- opening ---
 
@@ -520,7 +434,7 @@ def _use_wal(db: sqlite3.Connection) -> None:
 
 # --- rows to dataclasses ---
 
-T = TypeVar("T", Conversation, Message, StoredImage)
+T = TypeVar("T", StoredConversation, StoredMessage, StoredImage)
 
 
 def _columns(cls: type) -> str:
@@ -538,25 +452,25 @@ def _from_row(cls: type[T], row: sqlite3.Row) -> T:
     return cls(**values)
 
 
-def _conversation_in(db: sqlite3.Connection, conversation_id: int | None) -> Conversation:
-    row = db.execute(f"SELECT {_columns(Conversation)} FROM conversations WHERE id = ?",
+def _conversation_in(db: sqlite3.Connection, conversation_id: int | None) -> StoredConversation:
+    row = db.execute(f"SELECT {_columns(StoredConversation)} FROM conversations WHERE id = ?",
                      (conversation_id,)).fetchone()
     if row is None:
         raise HistoryError(f"no conversation with id {conversation_id}")
-    return _from_row(Conversation, row)
+    return _from_row(StoredConversation, row)
 
 
-def _message_in(db: sqlite3.Connection, message_id: int | None) -> Message:
-    row = db.execute(f"SELECT {_columns(Message)} FROM messages WHERE id = ?", (message_id,)).fetchone()
+def _message_in(db: sqlite3.Connection, message_id: int | None) -> StoredMessage:
+    row = db.execute(f"SELECT {_columns(StoredMessage)} FROM messages WHERE id = ?", (message_id,)).fetchone()
     if row is None:
         raise HistoryError(f"no message with id {message_id}")
-    return _from_row(Message, row)
+    return _from_row(StoredMessage, row)
 
 
-def _messages_in(db: sqlite3.Connection, conversation_id: int) -> list[Message]:
-    rows = db.execute(f"SELECT {_columns(Message)} FROM messages WHERE conversation_id = ? ORDER BY position",
+def _messages_in(db: sqlite3.Connection, conversation_id: int) -> list[StoredMessage]:
+    rows = db.execute(f"SELECT {_columns(StoredMessage)} FROM messages WHERE conversation_id = ? ORDER BY position",
                       (conversation_id,))
-    return [_from_row(Message, row) for row in rows]
+    return [_from_row(StoredMessage, row) for row in rows]
 
 
 def _image_in(db: sqlite3.Connection, image_id: str) -> StoredImage:
@@ -573,9 +487,13 @@ def _images_in(db: sqlite3.Connection, image_ids: list[str | None]) -> dict[str,
 
 # --- small helpers ---
 
-def _now() -> str:
-    """UTC, fixed width with microseconds, so timestamps sort correctly as text."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+def stored_time(moment: datetime | None = None) -> str:
+    """A time as the history stores it (now, when not given): UTC, ISO 8601, fixed width with microseconds, so
+    timestamps sort correctly as text. A time without a zone is taken as UTC."""
+    moment = moment or datetime.now(UTC)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _json(value: Mapping[str, Any] | None) -> str | None:
@@ -592,16 +510,6 @@ def _fts_query(text: str) -> str:
     return " ".join('"' + word.replace('"', '""') + '"*' for word in text.split())
 
 
-def _message_note(message: Message) -> str:
-    """The line under a turn in the Markdown export: how it ended and what it cost."""
-    notes = {"stopped": ["stopped before the end"], "error": ["failed"]}.get(message.status, [])
-    if message.completion_tokens is not None:
-        notes.append(f"{message.completion_tokens} tokens")
-    if message.seconds is not None:
-        notes.append(f"{message.seconds:.1f} s")
-    return " · ".join(notes)
-
-
 # --- image files ---
 
 def _read_image_source(source: str | os.PathLike[str] | bytes, name: str | None) -> tuple[bytes, str | None]:
@@ -616,130 +524,10 @@ def _read_image_source(source: str | os.PathLike[str] | bytes, name: str | None)
         raise HistoryError(f"{path}: cannot read ({error.strerror})") from None
 
 
-def _describe_image(data: bytes, name: str | None) -> tuple[str, str | None, tuple[int, int]]:
+def describe_image(data: bytes, name: str | None) -> tuple[str, str | None, tuple[int, int]]:
     """Pillow's format name, MIME type and (width, height), read from the header."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.format or "unknown", image.get_format_mimetype(), image.size
     except (OSError, ValueError, Image.DecompressionBombError):   # UnidentifiedImageError is an OSError
         raise HistoryError(f"{name or 'image'}: not an image Pillow can read") from None
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write `target` so that it is either absent or whole, even if the process dies halfway."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=target.suffix)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    if os.name == "posix":          # make the rename itself durable
-        folder = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
-def _find_image(sha: str, name: str | None, images_dir: str | os.PathLike[str] | None) -> bytes:
-    """Image `sha` from `images_dir`: by content address (another lva's store) or by its original name."""
-    if images_dir is not None:
-        folder = Path(images_dir)
-        candidates = [*folder.glob(f"{sha[:2]}/{sha}.*"), *([folder / name] if name else [])]
-        for candidate in candidates:
-            if candidate.is_file():
-                data = candidate.read_bytes()
-                if hashlib.sha256(data).hexdigest() == sha:
-                    return data
-    raise HistoryError(f"import: image {name or sha[:12]} is not embedded and not found "
-                       f"{'in ' + str(images_dir) if images_dir is not None else '(pass images_dir)'}")
-
-
-# --- import checking ---
-
-NULL = type(None)
-TYPE_NAMES = {str: "text", int: "an integer", float: "a number", dict: "an object", list: "a list", NULL: "null"}
-CONVERSATION_FIELDS: dict[str, tuple[type, ...]] = {
-    "title": (str, NULL), "created_at": (str, NULL), "updated_at": (str, NULL), "system_prompt": (str, NULL),
-    "model": (str, NULL), "sampling": (dict, NULL), "image": (str, NULL), "messages": (list,),
-    "images": (dict, NULL)}
-MESSAGE_FIELDS: dict[str, tuple[type, ...]] = {
-    "role": (str,), "text": (str,), "image": (str, NULL), "created_at": (str, NULL),
-    "prompt_tokens": (int, NULL), "completion_tokens": (int, NULL), "seconds": (int, float, NULL),
-    "model": (str, NULL), "sampling": (dict, NULL), "status": (str, NULL)}
-IMAGE_FIELDS: dict[str, tuple[type, ...]] = {"name": (str, NULL), "data": (str, NULL)}
-
-
-def _parse_export(data: Mapping[str, Any] | str | bytes) -> dict[str, Any]:
-    """Check an export against version 1 and normalise it; any problem is a HistoryError naming the field."""
-    if isinstance(data, (str, bytes)):
-        try:
-            data = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise HistoryError(f"import: not JSON ({error})") from None
-    if not isinstance(data, Mapping):
-        raise HistoryError("import: expected a JSON object")
-    if data.get("format") != EXPORT_FORMAT:
-        raise HistoryError(f"import: not an lva conversation (format {data.get('format')!r}, "
-                           f"expected {EXPORT_FORMAT!r})")
-    if data.get("version") != EXPORT_VERSION:
-        raise HistoryError(f"import: unsupported {EXPORT_FORMAT} version {data.get('version')!r} "
-                           f"(this lva reads version {EXPORT_VERSION})")
-    record = _checked_fields(data, "conversation", CONVERSATION_FIELDS)
-    record["created_at"] = _timestamp(record["created_at"], "created_at")
-    record["updated_at"] = _timestamp(record["updated_at"], "updated_at")
-    record["messages"] = [_parsed_message(message, f"messages[{index}]")
-                          for index, message in enumerate(record["messages"])]
-    record["images"] = {sha: _checked_fields(entry, f"images[{sha[:12]}]", IMAGE_FIELDS)
-                        for sha, entry in (record["images"] or {}).items()}
-    for sha in [record["image"], *(m["image"] for m in record["messages"]), *record["images"]]:
-        if sha is not None and not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-            raise HistoryError(f"import: image id {sha[:70]!r} is not a sha256 hex digest")
-    return record
-
-
-def _parsed_message(message: Any, where: str) -> dict[str, Any]:
-    parsed = _checked_fields(message, where, MESSAGE_FIELDS)
-    parsed["status"] = parsed["status"] or "complete"
-    for what, choices in (("role", ROLES), ("status", STATUSES)):
-        if parsed[what] not in choices:
-            raise HistoryError(f"import: {where}.{what} must be one of {', '.join(choices)}, "
-                               f"not {parsed[what]!r}")
-    parsed["created_at"] = _timestamp(parsed["created_at"], f"{where}.created_at")
-    return parsed
-
-
-def _checked_fields(record: Any, where: str, spec: dict[str, tuple[type, ...]]) -> dict[str, Any]:
-    """The fields of `spec` from `record`, each of one of its types (a missing key reads as null)."""
-    if not isinstance(record, Mapping):
-        raise HistoryError(f"import: {where} should be an object, not {_type_name(record)}")
-    checked = {}
-    for key, kinds in spec.items():
-        value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, kinds):     # bool is an int to Python
-            expected = " or ".join(TYPE_NAMES[kind] for kind in kinds)
-            raise HistoryError(f"import: {where}.{key} should be {expected}, not {_type_name(value)}")
-        checked[key] = value
-    return checked
-
-
-def _type_name(value: Any) -> str:
-    return "true/false" if isinstance(value, bool) else TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _timestamp(value: str | None, where: str) -> str:
-    """An ISO 8601 time as we store it (UTC, microseconds); none given means now, no zone means UTC."""
-    if value is None:
-        return _now()
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise HistoryError(f"import: {where} is not an ISO 8601 time: {value[:40]!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")

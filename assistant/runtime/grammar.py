@@ -11,8 +11,9 @@ from typing import Any
 
 from llama_cpp import llama_grammar
 
+from models.errors import LvaError
 
-class GrammarError(ValueError):
+class GrammarError(LvaError):
     """A JSON schema the converter cannot turn into a grammar; the message is one line."""
 
 

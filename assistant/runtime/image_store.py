@@ -122,12 +122,6 @@ class ImageStore:
             if all(self._kept[key] is not image for image in in_use):
                 self._kept.pop(key).close()
 
-    def forget(self, key: str) -> None:
-        """Drop one image from memory (benchmarks: the next encode of it really encodes)."""
-        kv = self._kept.pop(key, None)
-        if kv is not None and all(kv is not image for image in self.in_use()):
-            kv.close()
-
     def close(self) -> None:
         for kv in self._kept.values():
             kv.close()

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -24,13 +24,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from assistant.chat.engine import ChatError, ContextOverflow, Sampling
-from assistant.images import ImageError
+from assistant.chat.engine import ContextOverflow, Sampling
 from assistant.server import ollama_api, openai_api
 from assistant.server.catalog import Catalog
 from assistant.server.inputs import ApiError, parse, read_body, until_disconnect
-from assistant.server.worker import Failed, Finished, Job, LoadError, ModelWorker, Piece, Work
+from assistant.server.worker import Failed, Finished, Job, ModelWorker, Piece, Work
 from assistant.store import ModelNotFound
+from models.errors import LvaError
 
 LOG_ENTRY = "lva.log"
 CLIENT_GONE = 499                                   # nginx's "client closed request": only the log sees it
@@ -143,14 +143,15 @@ async def answer(request: Request, work: Work, writer: Writer, stream: bool) -> 
     request.scope[LOG_ENTRY].job = job
     _server(request).worker.submit(job)
     if not stream:
-        events, gone = await until_disconnect(request, job.rest())
-        if gone:
+        ended = await until_disconnect(request, job.rest())
+        if ended is None:
             return _client_gone(job)
-        if isinstance(events[-1], Failed):
-            raise api_error(events[-1].error)
-        return JSONResponse(writer.whole(events[-1], "".join(e.text for e in events if isinstance(e, Piece))))
-    first, gone = await until_disconnect(request, job.events.get())
-    if gone:
+        text, last = ended
+        if isinstance(last, Failed):
+            raise api_error(last.error)
+        return JSONResponse(writer.whole(last, text))
+    first = await until_disconnect(request, job.events.get())
+    if first is None:
         return _client_gone(job)
     if isinstance(first, Failed):
         raise api_error(first.error)
@@ -191,19 +192,23 @@ def _client_gone(job: Job) -> Response:
 
 
 def api_error(error: Exception) -> ApiError:
-    """What the worker's errors mean to a client."""
+    """What an error means to a client: an `LvaError` its own status and message, anything else a bug (500)."""
     if isinstance(error, ApiError):
         return error
     if isinstance(error, ModelNotFound):
-        return ApiError(404, str(error), param="model", code="model_not_found")
+        return ApiError(error.http_status, str(error), param="model", code="model_not_found")
     if isinstance(error, ContextOverflow):
-        return ApiError(400, f"{error} (a longer context: num_ctx, or lva serve --ctx)", param="messages",
-                        code="context_length_exceeded")
-    if isinstance(error, (ChatError, ImageError, ValueError)):      # ModelError and GrammarError are ValueErrors
-        return ApiError(400, str(error))
-    if isinstance(error, LoadError):
-        return ApiError(500, str(error))
-    return ApiError(500, f"internal error: {type(error).__name__}: {error}")
+        return ApiError(error.http_status, f"{error} (a longer context: num_ctx, or lva serve --ctx)",
+                        param="messages", code="context_length_exceeded")
+    if isinstance(error, LvaError):
+        return ApiError(error.http_status, str(error))
+    return internal_error(error)
+
+
+def internal_error(error: BaseException) -> ApiError:
+    """A bug in lva: the client is told so in one line; the traceback goes to the server's log, not to it."""
+    summary = f"{type(error).__name__}: {str(error).splitlines()[0]}" if str(error) else type(error).__name__
+    return ApiError(500, f"internal error ({summary}): a bug in lva; the server's log has its traceback")
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -212,16 +217,16 @@ def _is_openai(scope: Scope) -> bool:
     return scope["path"].startswith("/v1/")
 
 
-def error_response(scope: Scope, error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(scope: Scope, error: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """Ollama's `{"error": "..."}`, or OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
     if LOG_ENTRY in scope:
         scope[LOG_ENTRY].note = error.message
     if not _is_openai(scope):
-        return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
+        return JSONResponse({"error": error.message}, status_code=error.http_status, headers=headers)
     kind = {401: "authentication_error", 404: "invalid_request_error"}.get(
-        error.status, "server_error" if error.status >= 500 else "invalid_request_error")
+        error.http_status, "server_error" if error.http_status >= 500 else "invalid_request_error")
     body = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
-    return JSONResponse({"error": body}, status_code=error.status, headers=headers)
+    return JSONResponse({"error": body}, status_code=error.http_status, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -229,8 +234,9 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    """A bug: the client gets a JSON 500, the server's log the traceback (Starlette raises it on)."""
-    return error_response(request.scope, ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
+    """A bug: the client gets a JSON 500, the server's log the traceback (Starlette raises it on to uvicorn,
+    which logs it)."""
+    return error_response(request.scope, internal_error(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -322,7 +328,7 @@ def create_app(server: Server, write_log: Callable[[str], None] = log_to_stderr)
     from starlette.middleware import Middleware
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
-        ApiError: _api_error, ModelNotFound: _api_error, HTTPException: _http_error, Exception: _internal_error}
+        LvaError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=ROUTES, exception_handlers=handlers,
                     middleware=[Middleware(RequestLog, write=write_log), Middleware(RequireApiKey, key=server.api_key)])
     app.state.server = server

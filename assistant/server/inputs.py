@@ -21,18 +21,20 @@ from starlette.requests import Request
 
 from assistant.chat.engine import Conversation, Sampling, Turn
 from assistant.images import ImageError, load_image
+from models.errors import LvaError
 
 MAX_BODY_BYTES = 100 * 2**20      # 100 MiB: a conversation with several full-size photos, base64-encoded
 Model = TypeVar("Model", bound=BaseModel)
 T = TypeVar("T")
 
 
-class ApiError(Exception):
-    """A request this server will not answer: `status` and a one-line `message`; `param` names the field."""
+class ApiError(LvaError):
+    """A request this server will not answer: its HTTP status and a one-line `message`; `param` names the field,
+    `code` is OpenAI's machine-readable name for the error."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.http_status, self.message, self.param, self.code = status, message, param, code
 
 
 class Schema(BaseModel):
@@ -158,8 +160,8 @@ async def conversation_from(messages: list[Message], sampling: Sampling) -> Conv
     return Conversation(system_prompt="\n\n".join(system) or None, turns=turns, sampling=sampling)
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> tuple[T | None, bool]:
-    """(`work`'s result, False), or (None, True) when the client hangs up first; `work` is then cancelled.
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when the client hangs up first; `work` is then cancelled.
 
     Only for a request whose body was read: the next message the server gets is then the disconnect.
     """
@@ -171,9 +173,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> tuple[T | No
         gone.cancel()
         if not task.done():
             task.cancel()
-    if task in done:
-        return task.result(), False
-    return None, True
+    return task.result() if task in done else None
 
 
 async def _disconnected(request: Request) -> None:

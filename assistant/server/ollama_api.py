@@ -6,8 +6,9 @@
 
 An empty prompt only loads the model (or unloads it with `keep_alive: 0`), as Ollama does. An empty
 `messages` list is refused: Ollama loads the model there too, but a chat with nothing to answer is more
-often a client's mistake, and /api/generate does the loading. `prompt_eval_count` is the prompt tokens actually evaluated, which after KV-cache reuse is
-fewer than the prompt (Ollama reports it the same way); OpenAI's `usage` carries the whole count.
+often a client's mistake, and /api/generate does the loading. `prompt_eval_count` is the prompt tokens
+actually evaluated, which after KV-cache reuse is fewer than the prompt (Ollama reports it the same way);
+OpenAI's `usage` carries the whole count.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from assistant.chat.engine import Sampling
+from assistant.chat.engine import Conversation, Sampling
 from assistant.runtime.grammar import GrammarError, json_grammar
 from assistant.server.catalog import Catalog, ServedModel, rfc3339
 from assistant.server.inputs import (ApiError, Message, Schema, check_images, conversation_from,
@@ -111,6 +112,7 @@ async def generate_work(body: GenerateRequest, catalog: Catalog, defaults: Sampl
     if not body.prompt and not images:
         return Work(model, None, keep_alive=keep_alive)
     chosen = sampling(defaults, options, body.format)
+    task: RawPrompt | Conversation
     if body.raw:
         await check_images(images)
         task = RawPrompt(body.prompt, images[-1][0] if images else None, chosen)

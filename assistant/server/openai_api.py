@@ -176,6 +176,7 @@ def _finish_reason(finished: Finished) -> str:
 
 def _usage(finished: Finished) -> dict:
     reply = finished.reply
+    assert reply is not None                         # only loads and unloads have none, and OpenAI asks for neither
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": reply.prompt_tokens - reply.evaluated_tokens}}

@@ -13,6 +13,7 @@ reuses the longest shared token prefix in any case.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -23,13 +24,16 @@ from typing import TYPE_CHECKING, Callable
 
 from assistant.chat.engine import ChatEngine, Conversation, Reply, Sampling
 from assistant.server.catalog import ServedModel
+from models.errors import LvaError
 
 if TYPE_CHECKING:
     from assistant.runtime import MllamaModel
 
 
-class LoadError(RuntimeError):
-    """The model file could not be loaded: a problem on the server's side, not in the request."""
+class LoadError(LvaError):
+    """The model file could not be loaded: a problem on the server's side, not in the request (nor a bug)."""
+
+    http_status = 500
 
 
 @dataclass
@@ -91,29 +95,29 @@ class Job:
         """The client has gone: drop the job if it waits, stop it at the next piece if it runs."""
         self.cancelled.set()
 
-    async def rest(self) -> list[Event]:
-        """Every event up to the last (Finished or Failed)."""
-        events = [await self.events.get()]
-        while not isinstance(events[-1], (Finished, Failed)):
-            events.append(await self.events.get())
-        return events
+    async def rest(self) -> tuple[str, Finished | Failed]:
+        """The text of the pieces still to come, and how the job ended."""
+        text = ""
+        while not isinstance(event := await self.events.get(), (Finished, Failed)):
+            text += event.text
+        return text, event
 
-    def _emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
+        """From the worker thread: hand `event` to the request's event loop (the last one is its outcome)."""
         if isinstance(event, (Finished, Failed)):
             self.outcome = event
         self._call(self.events.put_nowait, event)
 
-    def _close(self, dropped: bool = False) -> None:
+    def finish(self, dropped: bool = False) -> None:
+        """From the worker thread: it is through with this job (`dropped`: without running it)."""
         self.dropped = dropped
         self._call(self.done.set)
 
     def _call(self, function: Callable, *args) -> None:
         if self.loop is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is stopping
             self.loop.call_soon_threadsafe(function, *args)
-        except RuntimeError:                     # the event loop has closed: the server is stopping
-            pass
 
 
 class ModelWorker:
@@ -158,16 +162,16 @@ class ModelWorker:
             if job is None:
                 break
             if job.cancelled.is_set():
-                job._close(dropped=True)
+                job.finish(dropped=True)
                 continue
             try:
                 self._run(job)
             finally:
-                job._close()
+                job.finish()
         while not self._jobs.empty():
             job = self._jobs.get()
             if job is not None:
-                job._close(dropped=True)
+                job.finish(dropped=True)
         self._unload()
 
     def _run(self, job: Job) -> None:
@@ -178,29 +182,31 @@ class ModelWorker:
                 reason = "unload" if work.keep_alive == 0 else "load"
                 last: Finished | Failed = Finished(work.model.name, None, reason, load_seconds, self._since(job))
             else:
-                last = self._answer(job, load_seconds)
-        except Exception as error:  # noqa: BLE001  (the worker outlives every request; app.py maps the error)
-            if not isinstance(error, (ValueError, LoadError)):
-                self._log("error: " + "".join(traceback.format_exception(error)).rstrip())
+                last = self._answer(job, work.task, load_seconds)
+        except LvaError as error:                      # the request's (or the model file's): app.py says it
+            last = Failed(error)
+        except Exception as error:  # noqa: BLE001  (a bug: logged whole; the worker outlives every request)
+            self._log("internal error, a bug in lva:\n" + "".join(traceback.format_exception(error)).rstrip())
             last = Failed(error)
         self._keep_alive(work.keep_alive)              # before the answer ends: then /api/ps already agrees
-        job._emit(last)
+        job.emit(last)
 
-    def _answer(self, job: Job, load_seconds: float) -> Finished:
+    def _answer(self, job: Job, task: Conversation | RawPrompt, load_seconds: float) -> Finished:
         work, model, engine = job.work, self._model, self._engine
+        assert model is not None and engine is not None          # _ensure has just loaded them
         model.set_context_length(min(work.num_ctx or self.n_ctx, max(self.n_ctx, model.n_ctx_train)))
         encoded_before = model.images_encoded
         replies: list[Reply] = []
-        if isinstance(work.task, RawPrompt):
-            pieces = engine.complete(work.task.text, work.task.image, work.task.sampling, replies.append)
+        if isinstance(task, RawPrompt):
+            pieces = engine.complete(task.text, task.image, task.sampling, replies.append)
         else:
             if self._last is not None:
-                work.task.take_transcript(self._last)
-            self._last = work.task
-            pieces = engine.answer(work.task, replies.append)
+                task.take_transcript(self._last)
+            self._last = task
+            pieces = engine.answer(task, replies.append)
         try:
             for piece in pieces:
-                job._emit(Piece(piece))
+                job.emit(Piece(piece))
                 if job.cancelled.is_set():
                     break
         finally:
@@ -217,7 +223,7 @@ class ModelWorker:
         start = time.perf_counter()
         try:
             model = self._load(wanted.text)
-        except Exception as error:  # noqa: BLE001  (any failure to load is the server's, said in one line)
+        except (LvaError, OSError) as error:           # a broken or missing file, no memory: said in one line
             self._log(f"error: {wanted.name} could not be loaded: {error}")
             raise LoadError(f"{wanted.name} could not be loaded: {error}") from error
         try:
@@ -232,12 +238,12 @@ class ModelWorker:
 
     def _unload(self) -> None:
         self.expires_at = None
-        if self._model is None:
+        model, loaded = self._model, self.loaded
+        if model is None or loaded is None:
             return
-        name = self.loaded.name
-        self._model.close()
+        model.close()
         self._model = self._engine = self.loaded = self._last = None
-        self._log(f"unloaded {name}")
+        self._log(f"unloaded {loaded.name}")
 
     def _keep_alive(self, seconds: float | None) -> None:
         if seconds == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -17,13 +17,17 @@ from textual.screen import Screen
 
 from assistant import store
 from assistant.chat import saved
-from assistant.chat.engine import ChatEngine, ChatError
+from assistant.chat.engine import ChatEngine
 from assistant.history import History
 from assistant.tui.screens.chat import ChatScreen
 from assistant.tui.screens.first_run import FirstRunScreen
 from assistant.tui.screens.help import HelpScreen
 from assistant.tui.screens.models import ModelsScreen
 from assistant.tui.screens.settings import Settings, SettingsScreen
+from models.errors import LvaError
+
+if TYPE_CHECKING:
+    from assistant.runtime import MllamaModel
 
 
 class LvaApp(App):
@@ -47,7 +51,7 @@ class LvaApp(App):
         self.n_gpu_layers, self.rpc_servers = n_gpu_layers, list(rpc_servers)
         self.history = History()
         self.settings = Settings()
-        self.model = None
+        self.model: MllamaModel | None = None
         self.engine: ChatEngine | None = None
         self.model_lock = threading.Lock()       # the model runs one worker at a time (encode ahead, answer)
 
@@ -87,7 +91,6 @@ class LvaApp(App):
         """Load a model with a progress bar; the previous one is closed once the new one is ready."""
         from assistant import load_model
         from assistant.chat.feature_cache import FeatureCache
-        from assistant.runtime import ModelError
 
         def progress(stage: str, fraction: float) -> None:
             if self.chat is not None:
@@ -97,7 +100,7 @@ class LvaApp(App):
             model = load_model(text_path, n_ctx=self.n_ctx, progress=progress, feature_cache=FeatureCache(),
                                n_gpu_layers=self.n_gpu_layers, rpc_servers=self.rpc_servers)
             engine = ChatEngine(model)
-        except (ModelError, ChatError, OSError) as error:
+        except (LvaError, OSError) as error:
             self.call_from_thread(self.notify, str(error), title="Cannot load the model", severity="error")
             return
         finally:
@@ -126,9 +129,7 @@ class LvaApp(App):
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
-        bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]
-        if self.chat is not None:
-            bindings = ChatScreen.BINDINGS + bindings
+        bindings = [*(ChatScreen.BINDINGS if self.chat is not None else []), *self.BINDINGS]
         self.push_screen(HelpScreen([b for b in bindings if isinstance(b, Binding)]))
 
     def action_models(self) -> None:

@@ -168,7 +168,8 @@ def plan_vision_tensors(source: OllamaMllamaFile, converter: ConverterVersion) -
                       if since_v0_7_1 else {})
     tanh_gates = TANH_GATES | (TANH_GATES_SINCE_V0_7_1 if since_v0_7_1 else set())
 
-    blocks = [(W.VisionEmbeddings, ("", "", ""), {}), (W.Projector, ("", "", ""), {})]
+    blocks: list[tuple[type, tuple[str, str, str], dict[str, int]]] = [
+        (W.VisionEmbeddings, ("", "", ""), {}), (W.Projector, ("", "", ""), {})]
     for i in range(hp.vision.num_hidden_layers):
         blocks.append((W.VisionLayer, (*W.vision_layer_prefixes(i), W.vision_layer_prefixes(i)[0]), permuted))
     for i in range(hp.vision.num_global_layers):

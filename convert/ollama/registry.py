@@ -6,9 +6,9 @@ The registry speaks the Docker registry v2 layout Ollama's server/images.go uses
     GET {registry}/v2/{namespace}/{model}/blobs/sha256:{hex}   a blob; registry.ollama.ai redirects to a CDN
 
 Blobs land in a downloads folder as `sha256-<hex>-partial`, resume with an HTTP Range request after a cut
-connection (at once while bytes keep coming, and in the next run after a failure), are checked against their sha256 before anything reads
-them, and are deleted once the import has written lva's pair. LVA_OLLAMA_REGISTRY (or --registry) points
-at another registry: the tests' local server, or a mirror.
+connection (at once while bytes keep coming, and in the next run after a failure), are checked against their
+sha256 before anything reads them, and are deleted once the import has written lva's pair.
+LVA_OLLAMA_REGISTRY (or --registry) points at another registry: the tests' local server, or a mirror.
 """
 
 from __future__ import annotations

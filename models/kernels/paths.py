@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Mapping
 
-class KernelError(RuntimeError):
+from models.errors import LvaError
+
+class KernelError(LvaError):
     """A path asked for by name that this machine cannot run; the message is one line."""
 
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import LvaError
 from models.mllama import gguf_keys as K
 
 
-class HParamsError(ValueError):
+class HParamsError(LvaError):
     """The config does not describe a Llama 3.2 Vision model we can run."""
 
 

@@ -34,9 +34,11 @@ def store_with_tiny_model(home: Path) -> Path:
 
 
 class LvaServer:
-    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None, module: str = "assistant") -> None:
+        """`module`: what `python -m` runs (`tests.planted_bug` is `lva` with bugs planted in it)."""
         self.home = home
         self.args = args
+        self.module = module
         self.env = {**os.environ, "LVA_HOME": str(home), **(env or {})}
         self.log_path = home / f"serve-{time.monotonic_ns()}.log"
         self.process: subprocess.Popen | None = None
@@ -45,7 +47,7 @@ class LvaServer:
     def __enter__(self) -> LvaServer:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "assistant", "serve", "--port", "0", *self.args],
+            self.process = subprocess.Popen([sys.executable, "-m", self.module, "serve", "--port", "0", *self.args],
                                             cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             preexec_fn=default_ctrl_c)
         deadline = time.monotonic() + START_SECONDS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from textual import on, work
 from textual.worker import get_current_worker
@@ -17,16 +17,24 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar
 
 from assistant.chat import saved
-from assistant.chat.engine import ChatError, Conversation, Reply, Turn
+from assistant.chat.engine import ChatEngine, Conversation, Reply, Turn
 from assistant.images import ImageError, load_image
-from assistant.runtime import EncodeCancelled, ModelError
+from assistant.runtime import EncodeCancelled
 from assistant.tui.widgets.attachment_bar import AttachmentBar, describe_image
 from assistant.tui.widgets.chat_log import AssistantMessage, ChatLog
 from assistant.tui.widgets.conversation_list import ConversationList
 from assistant.tui.widgets.prompt_input import PromptInput
 from assistant.tui.widgets.status_bar import StatusBar
+from models.errors import LvaError
+
+if TYPE_CHECKING:
+    from assistant.tui.app import LvaApp
 
 STREAM_EVERY_SECONDS = 0.05       # how often the worker hands the growing answer to the UI
+
+# In the answering worker: update the conversation and the history for a new answer; the conversation's id
+# in the history and the answer's pieces.
+Begin = Callable[[list[Reply]], tuple[int, Iterator[str]]]
 
 
 class ChatScreen(Screen):
@@ -42,6 +50,8 @@ class ChatScreen(Screen):
         Binding("ctrl+e", "edit_last", "Edit the last message", show=False, priority=True),
         Binding("ctrl+l", "focus_input", "Input", show=False, priority=True),
     ]
+
+    app: LvaApp                                  # for the type checker: the app it runs in, its model and history
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,7 +119,7 @@ class ChatScreen(Screen):
         log.clear()
         for turn in turns:
             if turn.role == "user":
-                image = turn.image if turn.image and turn.image.is_file() else None
+                image = turn.image if isinstance(turn.image, Path) and turn.image.is_file() else None
                 log.add_user(turn.text, image, names.get(image) if image else None)
             else:
                 log.add_assistant(turn.text).finish(turn.status)
@@ -179,7 +189,7 @@ class ChatScreen(Screen):
                                        progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
             except EncodeCancelled:
                 pass                                  # removed or replaced: its successor, if any, is queued
-            except (ImageError, ModelError, OSError) as error:
+            except (LvaError, OSError) as error:
                 app.call_from_thread(self.notify, str(error), title="Cannot encode the image", severity="error")
             finally:
                 app.call_from_thread(self.show_progress, "", 1.0)
@@ -203,72 +213,81 @@ class ChatScreen(Screen):
             if self.attach(Path(text.removeprefix("/image").strip().strip("'\"")).expanduser()):
                 prompt.focus()
             return
-        if not text or not self.can_answer():
+        engine = self.ready_engine() if text else None
+        if engine is None:
             return
         prompt.clear()
         if self.editing is not None:
-            self.send_edit(self.editing, text)
+            self.send_edit(engine, self.editing, text)
             return
         image, self.attachment = self.attachment, None
         self.query_one(AttachmentBar).attach(None)
         self.query_one(ChatLog).add_user(text, image)
-        history, engine, model_name = self.app.history, self.app.engine, self.app.model.text_path.name
+        history, model_name = self.app.history, engine.model.text_path.name
+        conversation, conversation_id = self.conversation, self.conversation_id
 
-        def begin(replies: list[Reply]) -> Iterator[str]:
-            pieces = engine.send(self.conversation, text, image, on_reply=replies.append)
-            if self.conversation_id is None:
+        def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
+            pieces = engine.send(conversation, text, image, on_reply=replies.append)
+            kept_as = conversation_id
+            if kept_as is None:
                 title = text or (image.name if image else "New conversation")
-                self.conversation_id = saved.start(history, self.conversation, model_name, title)
-                self.app.call_from_thread(self._conversation_started)
-            saved.save_user_turn(history, self.conversation_id, self.conversation.turns[-1])
-            return pieces
-        self.answer(begin)
+                kept_as = saved.start(history, conversation, model_name, title)
+                self.app.call_from_thread(self._conversation_started, kept_as)
+            saved.save_user_turn(history, kept_as, conversation.turns[-1])
+            return kept_as, pieces
+        self.answer(engine, begin)
 
-    def can_answer(self) -> bool:
+    def ready_engine(self) -> ChatEngine | None:
+        """The engine to answer with; None, with a notice, while it answers or the model loads."""
         if self.generating:
             self.notify("Still answering; Esc stops it", severity="warning")
-            return False
+            return None
         if self.app.engine is None:
             self.notify("The model is not loaded yet", severity="warning")
-            return False
-        return True
+        return self.app.engine
 
-    def send_edit(self, index: int, text: str) -> None:
+    def send_edit(self, engine: ChatEngine, index: int, text: str) -> None:
         """Replace user turn `index` with `text`, forget what came after it, and answer again."""
         self.set_editing(None)
         turns = self.conversation.turns
         self.show_turns([*turns[:index], replace(turns[index], text=text)])
-        history, engine, conversation_id = self.app.history, self.app.engine, self.conversation_id
+        history, conversation, conversation_id = self.app.history, self.conversation, self.conversation_id
+        assert conversation_id is not None       # only a kept conversation's turns are edited (last_user_turn)
 
-        def begin(replies: list[Reply]) -> Iterator[str]:
+        def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
             saved.rewind(history, conversation_id, index)
-            pieces = engine.edit(self.conversation, index, text, on_reply=replies.append)
-            saved.save_user_turn(history, conversation_id, self.conversation.turns[index])
-            return pieces
-        self.answer(begin)
+            pieces = engine.edit(conversation, index, text, on_reply=replies.append)
+            saved.save_user_turn(history, conversation_id, conversation.turns[index])
+            return conversation_id, pieces
+        self.answer(engine, begin)
 
-    def answer(self, begin: Callable[[list[Reply]], Iterator[str]]) -> None:
+    def answer(self, engine: ChatEngine, begin: Begin) -> None:
         """Answer in a worker, into a new message at the end of the log."""
         self.generating = True
-        self.stream_answer(begin, self.query_one(ChatLog).add_assistant(status="stopped"))
+        message = self.query_one(ChatLog).add_assistant(status="stopped")
+        self.stream_answer(engine, begin, self.conversation, message)
 
     @work(thread=True, exclusive=True, group="generation")
-    def stream_answer(self, begin: Callable[[list[Reply]], Iterator[str]], message: AssistantMessage) -> None:
-        """`begin` updates the conversation and the history and returns the answer's pieces; the image is
-        encoded first (with a progress bar, instant when cached), then the answer streams into `message`."""
-        app, model = self.app, self.app.model
+    def stream_answer(self, engine: ChatEngine, begin: Begin, conversation: Conversation,
+                      message: AssistantMessage) -> None:
+        """`begin` updates `conversation` and the history and returns the answer's pieces; the image is
+        encoded first (with a progress bar, instant when cached), then the answer streams into `message`.
+
+        A worker thread: it changes the screen only through `call_from_thread`, and reads nothing of it but
+        what it was given (`generating` keeps the conversation from being switched meanwhile)."""
+        app, model = self.app, engine.model
         status = "error"
         app.model_lock.acquire()                  # after an encode of the attached image still running
         try:
             replies: list[Reply] = []
-            pieces = begin(replies)
-            _, image = app.engine.current_image(self.conversation)
+            conversation_id, pieces = begin(replies)
+            _, image = engine.current_image(conversation)
             if image is not None and model.vision is not None:
                 model.encode_image(image, progress=lambda stage, f: app.call_from_thread(self.show_progress, stage, f))
                 app.call_from_thread(self.show_progress, "encoding image", 1.0)
             answer, shown_at = "", 0.0
-            for piece in saved.stream_answer(app.history, self.conversation_id, pieces, model.text_path.name,
-                                             self.conversation.sampling, replies):
+            for piece in saved.stream_answer(app.history, conversation_id, pieces, model.text_path.name,
+                                             conversation.sampling, replies):
                 answer += piece
                 if time.monotonic() - shown_at > STREAM_EVERY_SECONDS:
                     app.call_from_thread(message.show, answer)
@@ -278,17 +297,18 @@ class ChatScreen(Screen):
             status = reply.status
             app.call_from_thread(self.update_status, reply)
             if reply.done_reason == "length":
-                limit = self.conversation.sampling.max_tokens
+                limit = conversation.sampling.max_tokens
                 app.call_from_thread(self.notify, f"The answer reached its limit of {limit} tokens; "
                                      "Settings (F5) can raise it.", title="Answer cut")
-        except (ChatError, ImageError, ModelError, OSError) as error:
+        except (LvaError, OSError) as error:
             app.call_from_thread(self.notify, str(error), title="Cannot answer", severity="error")
         finally:
             app.model_lock.release()
             app.call_from_thread(self._generation_done, message, status)
 
-    def _conversation_started(self) -> None:
-        self.sidebar.current = self.conversation_id
+    def _conversation_started(self, conversation_id: int) -> None:
+        self.conversation_id = conversation_id
+        self.sidebar.current = conversation_id
         self.sidebar.refresh_list()
 
     def _generation_done(self, message: AssistantMessage, status: str) -> None:
@@ -361,15 +381,17 @@ class ChatScreen(Screen):
         if index is None:
             self.notify("Nothing to answer again yet", severity="warning")
             return
-        if not self.can_answer():
+        engine = self.ready_engine()
+        if engine is None:
             return
         self.show_turns(self.conversation.turns[:index + 1])
-        history, engine, conversation_id = self.app.history, self.app.engine, self.conversation_id
+        history, conversation, conversation_id = self.app.history, self.conversation, self.conversation_id
+        assert conversation_id is not None       # last_user_turn: only a kept conversation has one
 
-        def begin(replies: list[Reply]) -> Iterator[str]:
+        def begin(replies: list[Reply]) -> tuple[int, Iterator[str]]:
             saved.rewind(history, conversation_id, index + 1)
-            return engine.regenerate(self.conversation, on_reply=replies.append)
-        self.answer(begin)
+            return conversation_id, engine.regenerate(conversation, on_reply=replies.append)
+        self.answer(engine, begin)
 
     def action_edit_last(self) -> None:
         """Put the last message of yours in the input box; sending it replaces it and what followed."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Center, Vertical
@@ -9,6 +11,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Markdown
 
 from assistant import store
+
+if TYPE_CHECKING:
+    from assistant.tui.app import LvaApp
 
 HOW_TO = """\
 # No model yet
@@ -33,6 +38,7 @@ It goes into `{models}`. Then press **r** to look again, or **q** to quit.
 
 class FirstRunScreen(Screen):
     BINDINGS = [Binding("r", "recheck", "Look again"), Binding("q", "app.quit", "Quit")]
+    app: LvaApp                                  # for the type checker: the app it runs in
 
     def compose(self) -> ComposeResult:
         with Center(), Vertical(id="first-run"):

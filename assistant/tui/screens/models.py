@@ -35,6 +35,7 @@ class ModelsScreen(ModalScreen[Path | None]):
                 yield Label(f"No models in {store.models_dir()}")
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        assert event.option.id is not None          # every option is a model's text file
         self.dismiss(Path(event.option.id))
 
     def action_cancel(self) -> None:

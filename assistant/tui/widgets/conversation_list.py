@@ -54,13 +54,13 @@ class ConversationList(Vertical):
     @property
     def conversation_ids(self) -> list[int]:
         options = self.query_one("#conversation-options", OptionList)
-        return [int(options.get_option_at_index(i).id) for i in range(options.option_count)]
+        return [_conversation_id(options.get_option_at_index(i)) for i in range(options.option_count)]
 
     def highlighted_id(self) -> int | None:
         options = self.query_one("#conversation-options", OptionList)
         if options.highlighted is None:
             return None
-        return int(options.get_option_at_index(options.highlighted).id)
+        return _conversation_id(options.get_option_at_index(options.highlighted))
 
     def focus_search(self) -> None:
         self.query_one("#conversation-search", Input).focus()
@@ -75,4 +75,10 @@ class ConversationList(Vertical):
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
-        self.post_message(self.Selected(int(event.option.id)))
+        self.post_message(self.Selected(_conversation_id(event.option)))
+
+
+def _conversation_id(option: Option) -> int:
+    """The conversation an option shows: `refresh_list` gives every option its id."""
+    assert option.id is not None
+    return int(option.id)
