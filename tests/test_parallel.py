@@ -19,6 +19,7 @@ from assistant.runtime.errors import ModelError
 from assistant.runtime.model import SamplingParams
 from assistant.runtime.parallel import Answer, ParallelDecoder, Request
 from convert.pipeline import convert
+from models.errors import LvaError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMAGES = FIXTURES / "images"
@@ -142,7 +143,7 @@ def test_a_failing_request_fails_alone(tiny_a, tmp_path: Path) -> None:
         failing = decoder.submit(Request(good[0]["token_ids"], broken, GREEDY, max_tokens=4))
         too_long = decoder.submit(Request([1] * 300, None, GREEDY, max_tokens=4))
         run(decoder)
-        with pytest.raises(ValueError, match="not an image"):
+        with pytest.raises(LvaError, match="not an image"):
             tokens_of(failing)
         with pytest.raises(ModelError, match="300 tokens"):
             tokens_of(too_long)
