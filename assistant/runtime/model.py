@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import llama_cpp
 import numpy as np
+from gguf import LlamaFileType
 
 from assistant.images import ImageSource, PreprocessedImage, content_id, load_image, preprocess
 from assistant.store import find_vision_file
@@ -24,6 +25,7 @@ from assistant.runtime.hook import Batch, CrossAttentionHook
 from assistant.runtime.devices import offload_devices
 from assistant.runtime.placement import Placement
 from models import ggml, rpc
+from models.file_type import read_file_type
 from models.gguf_tensors import GGUFError, GGUFTensors
 from models.kernels.cpu import KernelError
 from models.mllama import gguf_keys as K
@@ -214,9 +216,9 @@ class MllamaModel:
 
     def _default_kv_cache_type(self) -> str:
         """F32 weights get an F32 cache, so an F32 pair is exact by default (an F16 cache moves its logits by
-        ~3e-3); everything else gets llama.cpp's F16."""
-        all_f32 = self._text_metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)
-        return "f32" if all_f32 else "f16"
+        ~3e-3); everything else gets llama.cpp's F16. The weights' type comes from the tensors, not from
+        general.file_type, which an Ollama file sets to F16 whatever it holds (models/file_type.py)."""
+        return "f32" if read_file_type(self.text_path) == LlamaFileType.ALL_F32 else "f16"
 
     def _text_metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
