@@ -44,18 +44,26 @@ async def until(condition, seconds: float = 60.0) -> None:
 
 
 async def ready(pilot) -> ChatScreen:
-    await until(lambda: pilot.app.engine is not None and isinstance(pilot.app.screen, ChatScreen))
+    """The chat screen once the model has loaded: waits for the load worker itself, however long a busy
+    machine takes, and fails at once if the load failed."""
+    await until(lambda: isinstance(pilot.app.screen, ChatScreen))        # start_chat starts the load with it
+    await pilot.app.workers.wait_for_complete()
+    assert pilot.app.engine is not None, [n.message for n in pilot.app._notifications]
     await pilot.pause()
     return pilot.app.screen
 
 
 async def send(pilot, text: str) -> None:
+    """Send `text` and wait for its whole answer. The prompt clears when the screen takes the message, in the
+    step that starts the answer's worker; before that, `generating` is still False, as it is once done."""
     screen = pilot.app.screen
-    screen.query_one(PromptInput).text = text
-    screen.query_one(PromptInput).focus()
+    prompt = screen.query_one(PromptInput)
+    prompt.text = text
+    prompt.focus()
     await pilot.press("enter")
-    await until(lambda: not screen.generating)
+    await until(lambda: prompt.text == "")
     await pilot.app.workers.wait_for_complete()
+    assert not screen.generating
     await pilot.pause()
 
 

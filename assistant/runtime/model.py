@@ -183,14 +183,21 @@ class MllamaModel:
         self._device_list = (ctypes.c_void_p * (len(self.offload_devices) + 1))(
             *(d.handle for d in self.offload_devices), None)
         params.devices = ctypes.addressof(self._device_list)
+        failed: list[Exception] = []
         if progress:
             def on_progress(fraction: float, _user_data) -> bool:
-                progress("loading text model", float(fraction))
+                try:
+                    progress("loading text model", float(fraction))
+                except Exception as exc:           # ctypes would print it and go on: stop the load, raise it below
+                    failed.append(exc)
+                    return False
                 return True
             self._load_progress = llama_cpp.llama_progress_callback(on_progress)
             params.progress_callback = self._load_progress
         with _llama_log() as log:
             model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if failed:
+            raise failed[0]
         if not model:
             out_of_memory = _out_of_memory(log)
             if out_of_memory:
