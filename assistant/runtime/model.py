@@ -188,7 +188,7 @@ class MllamaModel:
             def on_progress(fraction: float, _user_data) -> bool:
                 try:
                     progress("loading text model", float(fraction))
-                except Exception as exc:           # ctypes would print it and go on: stop the load, raise it below
+                except Exception as exc:           # ctypes would print and drop it, returning an undefined bool
                     failed.append(exc)
                     return False
                 return True
