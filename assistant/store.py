@@ -50,15 +50,15 @@ class InstalledModel:
 
 
 def installed_models(directory: Path | None = None) -> list[InstalledModel]:
-    """The model pairs in `directory` (default: the store), sorted by name then quant."""
+    """The model pairs in `directory` (default: the store), paired and sorted by their file names."""
     directory = directory or models_dir()
     found: dict[tuple[str, str], dict[str, Path]] = {}
     for path in sorted(directory.glob("*.gguf")) if directory.is_dir() else []:
         match = MODEL_FILE.match(path.name)
         if match:
             found.setdefault((match["name"], match["quant"]), {})[match["tower"]] = path
-    return [InstalledModel(name, quant, towers.get("text"), towers.get("vision"))
-            for (name, quant), towers in sorted(found.items())]
+    return [InstalledModel(name, label, towers.get("text"), towers.get("vision"))
+            for (name, label), towers in sorted(found.items())]
 
 
 def stored_quant(path: Path) -> str | None:

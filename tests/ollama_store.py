@@ -10,9 +10,10 @@ below, not from lva's tensor tables, so a wrong name in either shows up as a fai
     write_model(store, checkpoint, "llama3.2-vision:11b", converter="v0.7.1", file_type="Q4_K_M")
 
 `file_type` says which of Ollama's files: "F16" as v0.7.0 to v0.11.0 wrote every file (matrices F16), "BF16"
-as v0.11.1 and later wrote them from a BF16 checkpoint such as Meta's (text matrices BF16), "Q8_0" and
-"Q4_K_M" quantized from the F16 file as `ollama create -q` (and the registry's files) did. Every unquantized
-file says general.file_type = 1 (F16), as Ollama's converter wrote whatever the tensors.
+as v0.15.5 and later wrote one from a BF16 checkpoint such as Meta's (text matrices BF16, vision F16; kind()
+says what changed in between), "Q8_0" and "Q4_K_M" quantized from the F16 file as `ollama create -q` (and the
+registry's files) did. Every unquantized file says general.file_type = 1 (F16), as Ollama's converter wrote
+whatever the tensors.
 Deviation, on purpose: `file_type="F32"` keeps every tensor in F32 where Ollama's Kind() writes matrices as
 F16 or BF16; it isolates the import's own exactness from rounding. Its general.file_type is 1 too.
 """
@@ -72,7 +73,7 @@ SPECIAL_TOKEN_TYPES = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"]   # Mod
 SPECIAL_KEYS = {"unk": "unknown", "sep": "seperator", "pad": "padding"}     # SpecialVocabulary.Key (sic)
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 UNQUANTIZED = ("F32", "F16", "BF16")
-FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}                             # fs/ggml FileType
+FILE_TYPES = {"Q8_0": 7, "Q4_K_M": 15}                                      # fs/ggml FileType
 QUANT_DEFAULT = {"Q8_0": T.Q8_0, "Q4_K_M": T.Q4_K}                          # FileType.ToTensorType
 QUANT_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}           # getTensorNewType, v0.7.1
 

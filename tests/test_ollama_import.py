@@ -190,7 +190,7 @@ def test_an_f32_store_marked_f16_as_ollama_marks_it_imports_as_f32_and_runs_as_t
 
 
 def test_a_bf16_store_marked_f16_is_named_bf16_and_its_text_file_is_lva_converts(tmp_path: Path) -> None:
-    """Since v0.11.1 Ollama keeps a BF16 checkpoint's text matrices BF16 (the vision tower F16) and still marks
+    """Since v0.12.0 Ollama keeps a BF16 checkpoint's text matrices BF16 (the vision tower F16) and still marks
     the file F16. The text file is `lva convert --quant BF16`'s, byte for byte (RoPE factors: Ollama's float32
     arithmetic)."""
     checkpoint = FIXTURES / "mllama" / "tiny-a" / "checkpoint"
