@@ -339,8 +339,7 @@ def test_without_a_model_the_first_run_screen_says_how_to_get_one():
     async def scenario():
         app = LvaApp()
         async with app.run_test(size=SIZE) as pilot:
-            await pilot.pause()
-            assert isinstance(app.screen, FirstRunScreen)
+            await until(lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("Markdown"))
             text = app.screen.query_one("Markdown").source
             assert "lva pull llama3.2-vision" in text
             assert "lva convert meta-llama/Llama-3.2-11B-Vision-Instruct" in text
