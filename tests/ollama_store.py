@@ -9,8 +9,13 @@ below, not from lva's tensor tables, so a wrong name in either shows up as a fai
 
     write_model(store, checkpoint, "llama3.2-vision:11b", converter="v0.7.1", file_type="Q4_K_M")
 
+`file_type` says which of Ollama's files: "F16" as v0.7.0 to v0.11.0 wrote every file (matrices F16), "BF16"
+as v0.15.5 and later wrote one from a BF16 checkpoint such as Meta's (text matrices BF16, vision F16; kind()
+says what changed in between), "Q8_0" and "Q4_K_M" quantized from the F16 file as `ollama create -q` (and the
+registry's files) did. Every unquantized file says general.file_type = 1 (F16), as Ollama's converter wrote
+whatever the tensors.
 Deviation, on purpose: `file_type="F32"` keeps every tensor in F32 where Ollama's Kind() writes matrices as
-F16; it isolates the import's own exactness from F16 rounding. F16, Q8_0 and Q4_K_M are Ollama's.
+F16 or BF16; it isolates the import's own exactness from rounding. Its general.file_type is 1 too.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ LLAMA_BPE_DIGEST = "d98f9631be1e9607a9848c26c1f9eac1aa9fc21ac6ba82a2fc0741af9780
 SPECIAL_TOKEN_TYPES = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"]   # ModelParameters.specialTokenTypes
 SPECIAL_KEYS = {"unk": "unknown", "sep": "seperator", "pad": "padding"}     # SpecialVocabulary.Key (sic)
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
-FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15}                  # fs/ggml FileType
+UNQUANTIZED = ("F32", "F16", "BF16")
+FILE_TYPES = {"Q8_0": 7, "Q4_K_M": 15}                                      # fs/ggml FileType
 QUANT_DEFAULT = {"Q8_0": T.Q8_0, "Q4_K_M": T.Q4_K}                          # FileType.ToTensorType
 QUANT_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}           # getTensorNewType, v0.7.1
 
@@ -235,12 +241,21 @@ def mllama_kv(config: dict[str, Any]) -> dict[str, tuple[Any, V, V | None]]:
 
 
 def kind(name: str, shape: tuple[int, ...], file_type: str) -> T:
-    """tensorBase.Kind (convert/reader.go, v0.7.1): these embeddings and every 1-D tensor F32, the rest F16."""
+    """tensorBase.Kind (convert/reader.go, v0.7.1): these embeddings and every 1-D tensor F32, the rest F16.
+
+    "BF16": safetensor.Kind on a BF16 checkpoint (convert/reader_safetensors.go, v0.15.5 to the removal
+    9db4bdbad^; v0.11.1 made every such matrix BF16, v0.12.0 kept `v.` F16, v0.15.5 `mm.` too), with
+    reader.go's longer always-F32 list of those versions (biases, `v.position_embd.weight`).
+    """
     always_f32 = name.endswith(".ffn_gate_inp.weight") or name in (
         "token_types.weight", "v.positional_embedding_vlm", "v.tile_position_embd.weight",
         "v.pre_tile_position_embd.weight", "v.post_tile_position_embd.weight")
+    if file_type == "BF16":
+        always_f32 = always_f32 or name.endswith(".bias") or name == "v.position_embd.weight"
     if always_f32 or len(shape) == 1 or file_type == "F32":
         return T.F32
+    if file_type == "BF16" and not name.startswith(("v.", "mm.")):
+        return T.BF16
     return T.F16
 
 
@@ -368,6 +383,8 @@ def write_gguf(path: Path, kv: dict[str, tuple[Any, V, V | None]], tensors: list
     for name, qtype, data in sorted(tensors, key=lambda t: (block(t[0]), t[0])):
         if qtype in (T.F32, T.F16):
             writer.add_tensor(name, data.astype(np.float32 if qtype == T.F32 else np.float16))
+        elif qtype == T.BF16:
+            writer.add_tensor(name, bfloat16_bytes(data), raw_dtype=qtype)
         else:                                        # quantized rows: uint8 [n_rows, row_bytes]
             writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -376,9 +393,17 @@ def write_gguf(path: Path, kv: dict[str, tuple[Any, V, V | None]], tensors: list
     writer.close()
 
 
+def bfloat16_bytes(data: np.ndarray) -> np.ndarray:
+    """bfloat16.EncodeFloat32 of values read from a BF16 checkpoint (repacks only move them): the top half of
+    each float32, exactly; as uint8 [..., 2 * row_length]."""
+    bits = data.astype(np.float32).view(np.uint32)
+    assert not np.any(bits & 0xFFFF), "the checkpoint is not BF16"
+    return (bits >> 16).astype(np.uint16).view(np.uint8)
+
+
 def convert_model(checkpoint: Path, path: Path, converter: str = "v0.7.1", file_type: str = "F16") -> None:
     """ConvertModel (convert/convert.go), then quantize for Q8_0 / Q4_K_M, as `ollama create -q` does."""
-    assert converter in CONVERTERS and file_type in FILE_TYPES
+    assert converter in CONVERTERS and file_type in UNQUANTIZED + tuple(QUANT_DEFAULT)
     config = as_transformers_4_45(json.loads((checkpoint / "config.json").read_text()))
     kv = {**tokenizer_kv(checkpoint, converter, config["text_config"]["vocab_size"]), **mllama_kv(config)}
     tensors = mllama_tensors(config, read_safetensors(checkpoint), converter, file_type)
@@ -386,8 +411,7 @@ def convert_model(checkpoint: Path, path: Path, converter: str = "v0.7.1", file_
         in_file_order = sorted(tensors, key=lambda t: (block(t.name), t.name))
         kv["general.file_type"] = (FILE_TYPES[file_type], V.UINT32, None)
         write_gguf(path, kv, quantize(in_file_order, file_type))
-    else:
-        kv["general.file_type"] = (FILE_TYPES[file_type], V.UINT32, None)
+    else:                                            # ModelParameters.KV's general.file_type, 1, stays
         write_gguf(path, kv, [(t.name, t.kind, t.data) for t in tensors])
 
 
@@ -430,7 +454,7 @@ def write_model(store: Path, checkpoint: Path, name: str = "llama3.2-vision:late
     write_manifest(store, name, [(MODEL, data), (TEMPLATE, GO_TEMPLATE.encode()),
                                  (LICENSE, b"LLAMA 3.2 COMMUNITY LICENSE AGREEMENT\n"),
                                  (PARAMS, json.dumps({"temperature": 0.6, "top_p": 0.9}).encode())],
-                   ["mllama"], file_type)
+                   ["mllama"], "F16" if file_type in UNQUANTIZED else file_type)
     return store / "blobs" / f"sha256-{hashlib.sha256(data).hexdigest()}"
 
 

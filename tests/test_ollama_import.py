@@ -16,10 +16,12 @@ from pathlib import Path
 import gguf
 import llama_cpp
 import numpy as np
+import ollama
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from assistant import load_model
+from assistant.store import resolve_model
 from convert.ollama.importer import import_model, raw_gate
 from convert.ollama.store import open_model
 from convert.pipeline import convert
@@ -29,6 +31,7 @@ from models.mllama.hparams import ImagePreprocessing
 from tests.kernel_paths import f32_paths
 from tests.conftest import run_lva
 from tests.ollama_store import CONVERTERS, permute_heads, write_model, write_other_model
+from tests.server.lva_server import LvaServer
 from tests.synthetic_checkpoint import small_config, write_checkpoint
 from tests.test_convert_bad_input import assert_one_line_error
 from tests.test_runtime import QUANT_BOUNDS
@@ -150,6 +153,101 @@ def test_stock_llama_cpp_runs_the_imported_text_file_like_the_reference(tmp_path
         greedy.append(int(np.argmax(model.scores[model.n_tokens - 1])))
         model.eval([greedy[-1]])
     assert greedy == expected["greedy/text_plain"].tolist()
+
+
+# ------------------------------------------------------------------------------------------ named by the tensors
+
+
+def test_an_f32_store_marked_f16_as_ollama_marks_it_imports_as_f32_and_runs_as_the_converted_pair(
+        tmp_path: Path) -> None:
+    """Ollama writes general.file_type 1 (F16) whatever the tensors: the import names and marks the pair by its
+    tensors, and the runtime gives it the F32 KV cache an F32 pair is exact with (an F16 cache moved these
+    logits by 4.9e-3, over the bound)."""
+    checkpoint, ref, _ = reference("tiny-a")
+    pair, blob = imported(tmp_path, checkpoint, "v0.7.1", "F32")
+    assert fields(blob)["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert (pair.text.name, pair.vision.name) == ("llama3.2-vision-tiny-text-F32.gguf",
+                                                  "llama3.2-vision-tiny-vision-F32.gguf")
+    assert fields(pair.text)["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    assert fields(pair.vision)[K.QUANT] == "F32"
+    converted = convert(str(checkpoint), tmp_path / "converted", quant="F32", progress=False)
+    ours = with_checkpoint_preprocessing(load_model(pair.text, n_ctx=512), checkpoint)
+    theirs = load_model(converted.text, n_ctx=512)
+    try:
+        assert ours.kv_cache_type == theirs.kv_cache_type == llama_cpp.GGML_TYPE_F32
+        for case in ref["cases"]:
+            got, want = (m.logits(case["token_ids"], image_of(case)) for m in (ours, theirs))
+            assert np.abs(got - want).max() < LOGITS_TOLERANCE, case["name"]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_bf16_store_marked_f16_is_named_bf16_and_its_text_file_is_lva_converts(tmp_path: Path) -> None:
+    """Since v0.12.0 Ollama keeps a BF16 checkpoint's text matrices BF16 (the vision tower F16) and still marks
+    the file F16. The text file is `lva convert --quant BF16`'s, byte for byte (RoPE factors: Ollama's float32
+    arithmetic)."""
+    checkpoint = FIXTURES / "mllama" / "tiny-a" / "checkpoint"
+    pair, blob = imported(tmp_path, checkpoint, "v0.7.1", "BF16")
+    source = tensors(blob)
+    assert fields(blob)["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert source["output.weight"].tensor_type == T.BF16 and source["mm.0.weight"].tensor_type == F16
+    assert pair.text.name == "llama3.2-vision-tiny-text-BF16.gguf"
+    assert fields(pair.text)["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    assert fields(pair.vision)[K.QUANT] == "BF16"
+    converted = convert(str(checkpoint), tmp_path / "converted", quant="BF16", progress=False)
+    got, want = tensors(pair.text), tensors(converted.text)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].tensor_type == t.tensor_type, name
+        if name != "rope_freqs.weight":
+            assert np.array_equal(np.asarray(got[name].data), np.asarray(t.data)), name
+    model = load_model(pair.text, n_ctx=256)
+    try:
+        assert model.kv_cache_type == llama_cpp.GGML_TYPE_F16             # only F32 weights get an F32 cache
+    finally:
+        model.close()
+
+
+def as_an_older_import_wrote_it(pair, directory: Path) -> Path:
+    """The pair as `lva import` wrote it while it took the type from Ollama's general.file_type: named F16 and
+    marked general.file_type 1 whatever its tensors. Returns the text file, moved into `directory`."""
+    reader = gguf.GGUFReader(pair.text, "r+")
+    field = reader.get_field("general.file_type")
+    field.parts[field.data[0]][0] = gguf.LlamaFileType.MOSTLY_F16
+    reader.data.flush()
+    del reader, field
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in (pair.vision, pair.text):
+        moved = directory / path.name.replace("-F32.gguf", "-F16.gguf")
+        shutil.move(path, moved)
+    return moved
+
+
+def test_a_pair_an_older_import_named_f16_is_listed_served_and_run_as_the_f32_it_holds(tmp_path: Path,
+                                                                                     lva_home: Path) -> None:
+    pair, _ = imported(tmp_path, FIXTURES / "mllama" / "tiny-a" / "checkpoint", "v0.7.1", "F32")
+    text = as_an_older_import_wrote_it(pair, lva_home / "models")
+    assert text.name == "llama3.2-vision-tiny-text-F16.gguf" and fields(text)["general.file_type"] == 1
+
+    listing = run_lva("models")
+    assert listing.returncode == 0, listing.stderr
+    (row,) = [line.split() for line in listing.stdout.splitlines() if line.startswith("llama3.2-vision-tiny ")]
+    assert row[1] == "F32"
+    assert resolve_model("llama3.2-vision-tiny-F32") == resolve_model("llama3.2-vision-tiny-F16") == text
+    model = load_model(text, n_ctx=256)
+    try:
+        assert model.kv_cache_type == llama_cpp.GGML_TYPE_F32
+    finally:
+        model.close()
+
+    with LvaServer(lva_home) as server:
+        client = ollama.Client(host=server.url)
+        (listed,) = client.list().models
+        assert listed.model == "llama3.2-vision-tiny-F32" and listed.details.quantization_level == "F32"
+        shown = client.show("llama3.2-vision-tiny")
+        assert shown.details.quantization_level == "F32"
+        assert shown.modelinfo["general.file_type"] == gguf.LlamaFileType.ALL_F32
 
 
 # ------------------------------------------------------------------------------------------ quantized files

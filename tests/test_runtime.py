@@ -369,3 +369,15 @@ def test_an_f16_tower_from_a_bf16_checkpoint_runs_exactly_as_its_bf16_conversion
     # Not bit-equal: weights below F16's normal range (6.1e-5) lose bits when written as F16 (9 of the ~400k
     # vision weights here). Measured: 9.5e-7 for logits of std ~1.
     assert np.abs(logits["F16"] - logits["BF16"]).max() < 5e-6
+
+
+def test_an_error_in_the_progress_function_stops_the_load_and_is_raised_as_itself(tiny_a) -> None:
+    """Raised inside llama.cpp's ctypes callback, it used to be printed and dropped, and the bool the callback
+    returned was undefined: the load went on, or stopped as "could not be loaded by llama.cpp"."""
+    pair, _ = tiny_a
+
+    def progress(stage: str, fraction: float) -> None:
+        raise LookupError("a progress bar that is not there yet")
+
+    with pytest.raises(LookupError, match="not there yet"):
+        load_model(pair.text, n_ctx=256, progress=progress)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import llama_cpp
 import numpy as np
+from gguf import LlamaFileType
 
 from assistant.images import ImageSource, PreprocessedImage, load_image, preprocess
 from assistant.runtime import kernel_choice, llama_log
@@ -28,6 +29,7 @@ from assistant.runtime.placement import Placement
 from assistant.runtime.vision_file import VisionFile
 from assistant.store import find_vision_file
 from models import ggml, rpc
+from models.file_type import read_file_type
 from models.gguf_tensors import GGUFError
 from models.kernels.paths import GGML_PATHS, KernelError, Paths
 from models.mllama import gguf_keys as K
@@ -113,14 +115,21 @@ class MllamaModel:
         self._device_list = (ctypes.c_void_p * (len(self.offload_devices) + 1))(
             *(d.handle for d in self.offload_devices), None)
         params.devices = ctypes.addressof(self._device_list)
+        failed: list[Exception] = []
         if progress:
             def on_progress(fraction: float, _user_data) -> bool:
-                progress("loading text model", float(fraction))
+                try:
+                    progress("loading text model", float(fraction))
+                except Exception as exc:           # ctypes would print and drop it, returning an undefined bool
+                    failed.append(exc)
+                    return False
                 return True
             self._load_progress = llama_cpp.llama_progress_callback(on_progress)
             params.progress_callback = self._load_progress
         with llama_log.collected() as log:
             model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if failed:
+            raise failed[0]
         if not model:
             out_of_memory = llama_log.out_of_memory(log)
             if out_of_memory:
@@ -146,9 +155,9 @@ class MllamaModel:
 
     def _default_kv_cache_type(self) -> str:
         """F32 weights get an F32 cache, so an F32 pair is exact by default (an F16 cache moves its logits by
-        ~3e-3); everything else gets llama.cpp's F16."""
-        all_f32 = self._text_metadata("general.file_type") == str(llama_cpp.LLAMA_FTYPE_ALL_F32)
-        return "f32" if all_f32 else "f16"
+        ~3e-3); everything else gets llama.cpp's F16. The weights' type comes from the tensors, not from
+        general.file_type, which an Ollama file sets to F16 whatever it holds (models/file_type.py)."""
+        return "f32" if read_file_type(self.text_path) == LlamaFileType.ALL_F32 else "f16"
 
     def _text_metadata(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)

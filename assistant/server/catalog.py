@@ -16,6 +16,9 @@ import gguf
 
 from assistant import store
 from assistant.store import MODEL_FILE, ModelNotFound, find_vision_file
+from models.file_type import read_file_type
+
+FILE_TYPE = "general.file_type"
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ class ServedModel:
         return hashlib.sha256("\n".join(stats).encode()).hexdigest()
 
     def metadata(self) -> dict[str, str | int | float | bool]:
-        """The text file's GGUF metadata, arrays (vocabulary, merges) left out."""
+        """The text file's GGUF metadata, arrays (vocabulary, merges) left out, and general.file_type as its
+        tensors say (what `lva import` once wrote there was Ollama's F16 for BF16 and F32 models too)."""
         reader = gguf.GGUFReader(self.text)
         values = {}
         for key, field in reader.fields.items():
@@ -49,6 +53,7 @@ class ServedModel:
                 continue
             value = field.contents()
             values[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
+        values[FILE_TYPE] = int(read_file_type(self.text))
         return values
 
 
@@ -104,5 +109,6 @@ def _names(models: list[ServedModel]) -> str:
 
 def _from_file(text: Path) -> ServedModel:
     match = MODEL_FILE.match(text.name)
-    name, quant = (match["name"], match["quant"]) if match and match["tower"] == "text" else (text.stem, "unknown")
+    name, label = (match["name"], match["quant"]) if match and match["tower"] == "text" else (text.stem, "unknown")
+    quant = store.stored_quant(text) or label
     return ServedModel(f"{name}-{quant}", name, quant, text, find_vision_file(text))

@@ -10,7 +10,9 @@ changes (docs/OLLAMA.md says why for each):
   a quantized row is whole blocks, so this reorders rows and keeps every row's bytes;
 - the gates Ollama stored through tanh go back to raw values (arctanh), which lva's runtime tanh's;
 - `<|image|>`'s row of Ollama's token_embd becomes the vision file's image_token_embd (as float32);
-- the text vocabulary stops before `<|image|>`; a GGUF without a jinja chat template gets the published one.
+- the text vocabulary stops before `<|image|>`; a GGUF without a jinja chat template gets the published one;
+- the pair is named, and its `general.file_type` written, from the text tensors' types (models/file_type.py):
+  Ollama's converter writes general.file_type 1 (F16) whatever its tensors are.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType
 from tqdm import tqdm
 
 from convert.gguf_output import CopiedTensor, PlannedTensor, add_metadata, published_together, write_gguf
@@ -35,6 +38,7 @@ from convert.ollama.store import OllamaError, OllamaModel
 from convert.pipeline import ConvertedPair, output_paths
 from convert.text_tower import array_rows, llama_metadata, rope_permute
 from convert.vision_tower import vision_metadata
+from models.file_type import FileTypeError, file_type_of, quant_name
 from models.mllama import gguf_keys as K
 from models.mllama import weights as W
 from models.mllama.weights import Kind
@@ -66,7 +70,9 @@ def import_model(model: OllamaModel, out_dir: Path, name: str | None = None, for
     check_blob(blob, layer.size, label)
     source = OllamaMllamaFile(blob, label)
     converter = source.converter_version
-    outputs = output_paths(out_dir, name or model.name.lva_name, source.quant)
+    text_plan, vision_plan = plan_text_tensors(source), plan_vision_tensors(source, converter)
+    file_type = text_file_type(text_plan, label)
+    outputs = output_paths(out_dir, name or model.name.lva_name, quant_name(file_type))
     existing = [p.name for p in (outputs.text, outputs.vision) if p.exists()]
     if existing and not force:
         raise OllamaError(f"{existing[0]} already exists in {out_dir}; pass --force to overwrite")
@@ -75,18 +81,17 @@ def import_model(model: OllamaModel, out_dir: Path, name: str | None = None, for
     except OSError as e:
         raise OllamaError(f"cannot create {out_dir}: {e.strerror}") from None
 
-    text_plan, vision_plan = plan_text_tensors(source), plan_vision_tensors(source, converter)
     total = sum(t.nbytes for t in text_plan + vision_plan)       # the headers are small beside the tensors
     free = shutil.disk_usage(out_dir).free
     if total > free:
         raise OllamaError(f"not enough disk space in {out_dir}: the import needs about {total / 1e9:.1f} GB, "
                           f"{free / 1e9:.1f} GB are free")
     template_source = TEMPLATE_FROM_GGUF if source.chat_template else TEMPLATE_PUBLISHED
-    _write_pair(model, source, outputs, text_plan, vision_plan, template_source, progress)
+    _write_pair(model, source, outputs, file_type, text_plan, vision_plan, template_source, progress)
     return ImportedPair(outputs.text, outputs.vision, converter, template_source)
 
 
-def _write_pair(model: OllamaModel, source: OllamaMllamaFile, outputs: ConvertedPair,
+def _write_pair(model: OllamaModel, source: OllamaMllamaFile, outputs: ConvertedPair, file_type: LlamaFileType,
                 text_plan: list[PlannedTensor], vision_plan: list[PlannedTensor], template_source: str,
                 progress: bool) -> None:
     """Both files as .part, renamed into place together once complete (as `lva convert` writes)."""
@@ -104,12 +109,12 @@ def _write_pair(model: OllamaModel, source: OllamaMllamaFile, outputs: Converted
             writer = gguf.GGUFWriter(text_part, "llama")
             llama_metadata(writer, source.hparams.text, source.vocabulary,
                            source.chat_template or LLAMA_3_2_VISION_INSTRUCT,
-                           file_type=source.file_type, name=lva_name, source_url=None, license=None,
+                           file_type=file_type, name=lva_name, source_url=None, license=None,
                            pair_id=pair_id)
             add_metadata(writer, {**provenance, K.CHAT_TEMPLATE_SOURCE: template_source})
             write_gguf(text_part, writer, text_plan, bar)
             writer = gguf.GGUFWriter(vision_part, K.ARCHITECTURE)
-            vision_metadata(writer, source.hparams, name=lva_name, license=None, quant=source.quant,
+            vision_metadata(writer, source.hparams, name=lva_name, license=None, quant=quant_name(file_type),
                             text_file=outputs.text.name, pair_id=pair_id)
             add_metadata(writer, provenance)
             write_gguf(vision_part, writer, vision_plan, bar)
@@ -117,6 +122,15 @@ def _write_pair(model: OllamaModel, source: OllamaMllamaFile, outputs: Converted
         if e.errno == errno.ENOSPC:
             raise OllamaError(f"no space left on the device holding {out_dir}; nothing was kept") from None
         raise OllamaError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+
+
+def text_file_type(text_plan: list[PlannedTensor], label: str) -> LlamaFileType:
+    """What the text file holds, from its tensors: Ollama's converter writes general.file_type 1 (F16) into
+    every file, whatever its tensors (BF16 from Meta's checkpoints since v0.11.1)."""
+    try:
+        return file_type_of((t.qtype, t.shape) for t in text_plan)
+    except FileTypeError as e:
+        raise OllamaError(f"the model blob of {label} cannot be named: {e}") from None
 
 
 def check_blob(blob: Path, size: int, label: str) -> None:

@@ -26,7 +26,6 @@ from models.mllama.hparams import (HParamsError, ImagePreprocessing, MllamaHPara
 
 # The keys Ollama writes (convert_mllama.go KV: llama.* renamed mllama.*, plus its vision keys).
 ARCHITECTURE = "general.architecture"
-FILE_TYPE = "general.file_type"
 VOCAB_SIZE = "mllama.vocab_size"
 CONTEXT_LENGTH = "mllama.context_length"
 EMBEDDING_LENGTH = "mllama.embedding_length"
@@ -166,20 +165,6 @@ class OllamaMllamaFile:
     def chat_template(self) -> str | None:
         template = self.metadata.get(CHAT_TEMPLATE)
         return str(template) if template else None
-
-    @property
-    def file_type(self) -> int:
-        """llama.cpp's file type id (general.file_type), e.g. 15 for Q4_K_M."""
-        return int(self._key(FILE_TYPE))
-
-    @property
-    def quant(self) -> str:
-        """The file type as lva names quants: MOSTLY_Q4_K_M -> Q4_K_M, ALL_F32 -> F32."""
-        try:
-            name = gguf.LlamaFileType(self.file_type).name
-        except ValueError:
-            raise OllamaError(f"the model blob of {self.label} has an unknown file type {self.file_type}") from None
-        return name.split("_", 1)[1]
 
     @cached_property
     def converter_version(self) -> ConverterVersion:

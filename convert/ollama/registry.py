@@ -34,6 +34,7 @@ ATTEMPTS = 4                # a cut connection resumes at once; four failures in
 RETRY_SECONDS = 0.5
 CHUNK = 1 << 20
 TIMEOUT = httpx2.Timeout(30.0)
+UNQUANTIZED = ("F16", "BF16", "F32")
 
 
 def registry_url(name: OllamaName, flag: str | None = None) -> str:
@@ -162,13 +163,17 @@ def _check_family(model: OllamaModel) -> None:
 
 
 def _refuse_existing_outputs(model: OllamaModel, out_dir: Path, name: str | None, force: bool) -> None:
-    quant = str(model.config().get("file_type", "")).upper()
-    if force or not quant:
+    """Before the big download: the pair this pull would write is not there already. The config's file_type
+    is the blob's general.file_type, F16 for every file Ollama's converter wrote whatever its tensors; the
+    import names the pair from its tensors, so an F16 label may become F16, BF16 or F32."""
+    label = str(model.config().get("file_type", "")).upper()
+    if force or not label:
         return
-    outputs = output_paths(out_dir, name or model.name.lva_name, quant)
-    existing = [p.name for p in (outputs.text, outputs.vision) if p.exists()]
-    if existing:
-        raise OllamaError(f"{existing[0]} already exists in {out_dir}; pass --force to overwrite")
+    for quant in UNQUANTIZED if label == "F16" else (label,):
+        outputs = output_paths(out_dir, name or model.name.lva_name, quant)
+        existing = [p.name for p in (outputs.text, outputs.vision) if p.exists()]
+        if existing:
+            raise OllamaError(f"{existing[0]} already exists in {out_dir}; pass --force to overwrite")
 
 
 def _check_disk_space(downloads: Path, out_dir: Path, layer: Layer) -> None:

@@ -330,11 +330,12 @@ class ChatScreen(Screen):
         """A progress bar for long work (model loading, image encoding); hidden when it is done."""
         try:
             progress = self.query_one("#progress")
-        except NoMatches:
-            return                      # the model started loading before this screen was composed
+            label, bar = self.query_one("#progress-label", Label), self.query_one("#progress-bar", ProgressBar)
+        except NoMatches:               # the model started loading before this screen was composed: the
+            return                      # container may be mounted before its children
         progress.set_class(fraction < 1.0, "-busy")
-        self.query_one("#progress-label", Label).update(stage)
-        self.query_one("#progress-bar", ProgressBar).update(progress=fraction)
+        label.update(stage)
+        bar.update(progress=fraction)
 
     def update_status(self, reply: Reply | None = None) -> None:
         status = self.query_one(StatusBar)
