@@ -20,6 +20,8 @@ from typing import Iterable, Sequence
 from gguf import GGMLQuantizationType as T
 from gguf import GGUF_MAGIC, GGUFValueType, LlamaFileType
 
+from models.errors import LvaError
+
 # llama.cpp's names where a type's own name is not a file type: a k-quant names the mix its quantizer makes,
 # MXFP4 the mixture-of-experts files it is made for.
 MIXES = {T.F32: LlamaFileType.ALL_F32, T.Q3_K: LlamaFileType.MOSTLY_Q3_K_M, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
@@ -29,7 +31,7 @@ _SCALARS = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1
             GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
 
 
-class FileTypeError(ValueError):
+class FileTypeError(LvaError):
     """A file whose tensor table cannot be read, or whose matrices are of a type llama.cpp names no file type for."""
 
 
