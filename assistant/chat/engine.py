@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from assistant.chat.template import IMAGE_TOKEN, ChatMessage, ChatTemplate, ChatTemplateError
+from assistant.chat.template import IMAGE_TOKEN, ChatMessage, ChatTemplate, ChatTemplateError, ToolCall
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -53,11 +53,12 @@ class Sampling:
 
 @dataclass
 class Turn:
-    role: str                                   # user | assistant
+    role: str                                   # user | assistant | tool (a tool's result, from lva serve's clients)
     text: str
     image: Path | bytes | None = None           # the image attached at this user turn (bytes: sent to lva serve)
     status: str = "complete"                    # assistant turns: complete | stopped
     message_id: int | None = None               # its row in the history, when kept
+    tool_calls: tuple[ToolCall, ...] = ()       # assistant turns that called tools
 
 
 @dataclass
@@ -85,14 +86,16 @@ class Conversation:
     transcript: list[int] = field(default_factory=list)   # prompt + answer ids of the last exchange
     transcript_turns: int = 0                             # how many turns `transcript` covers
     last_prompt: list[int] = field(default_factory=list)   # the ids the last answer was generated from
+    tools: list[dict] | None = None                       # JSON schemas of the tools the template shows the model
 
     def take_transcript(self, previous: Conversation) -> None:
         """Continue from `previous` when this conversation repeats it and adds turns, as a stateless client
         (`lva serve`) resends its whole conversation: then only the new turns' tokens are evaluated."""
         done = previous.transcript_turns
-        if not done or self.system_prompt != previous.system_prompt or len(self.turns) <= done:
+        if not done or (self.system_prompt, self.tools) != (previous.system_prompt, previous.tools) \
+                or len(self.turns) <= done:
             return
-        if all((a.role, a.text, a.image) == (b.role, b.text, b.image)
+        if all((a.role, a.text, a.image, a.tool_calls) == (b.role, b.text, b.image, b.tool_calls)
                for a, b in zip(self.turns[:done], previous.turns[:done])):
             self.transcript, self.transcript_turns = previous.transcript, done
 
@@ -130,14 +133,11 @@ class ChatEngine:
 
     def _messages(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[ChatMessage]:
         messages = [ChatMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
-        return messages + [ChatMessage(t.role, t.text, has_image=(i == image_turn)) for i, t in enumerate(turns)]
+        return messages + [ChatMessage(t.role, t.text, has_image=(i == image_turn), tool_calls=t.tool_calls)
+                           for i, t in enumerate(turns)]
 
     def _render(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[int]:
-        variables = {"date_string": self.date_string} if self.date_string else {}
-        try:
-            text = self.template.render(self._messages(conversation, turns, image_turn), **variables)
-        except ChatTemplateError as exc:
-            raise ChatError(str(exc)) from None
+        text = self._text(conversation, turns, image_turn, add_generation_prompt=True)
         if image_turn is not None and IMAGE_TOKEN not in text:
             raise ChatError("this model's chat template has no place for an image (is it a vision model?)")
         return self.model.tokenize(text)
@@ -195,7 +195,8 @@ class ChatEngine:
         variables = {"date_string": self.date_string} if self.date_string else {}
         try:
             return self.template.render(self._messages(conversation, turns, image_turn),
-                                        add_generation_prompt=add_generation_prompt, **variables)
+                                        add_generation_prompt=add_generation_prompt, tools=conversation.tools,
+                                        **variables)
         except ChatTemplateError as exc:
             raise ChatError(str(exc)) from None
 
@@ -231,11 +232,11 @@ class ChatEngine:
         return self._answer(conversation, on_reply)
 
     def answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Iterator[str]:
-        """Answer a conversation whose last turn is the user's, as it stands: a conversation that does not
-        fit the context is refused (`ContextOverflow`), not shortened, and the answer ends at max_tokens or
-        when the context is full. For clients that send whole conversations (`lva serve`)."""
-        if not conversation.turns or conversation.turns[-1].role != "user":
-            raise ChatError("the last message must be the user's")
+        """Answer a conversation whose last turn is the user's (or a tool's result), as it stands: a conversation
+        that does not fit the context is refused (`ContextOverflow`), not shortened, and the answer ends at
+        max_tokens or when the context is full. For clients that send whole conversations (`lva serve`)."""
+        if not conversation.turns or conversation.turns[-1].role not in ("user", "tool", "ipython"):
+            raise ChatError("the last message must be the user's or a tool's result")
         if self.current_image(conversation)[1] is not None and getattr(self.model, "vision", None) is None:
             raise ChatError(f"{self.model.text_path.name} has no vision file, so it cannot look at images")
         return self._answer(conversation, on_reply, drop_turns=False)
