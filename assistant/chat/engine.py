@@ -87,6 +87,7 @@ class Conversation:
     transcript_turns: int = 0                             # how many turns `transcript` covers
     last_prompt: list[int] = field(default_factory=list)   # the ids the last answer was generated from
     tools: list[dict] | None = None                       # JSON schemas of the tools the template shows the model
+    optional_tools: bool = False                          # left out when they would crowd the answer out (below)
 
     def take_transcript(self, previous: Conversation) -> None:
         """Continue from `previous` when this conversation repeats it and adds turns, as a stateless client
@@ -149,12 +150,18 @@ class ChatEngine:
         Oldest turns go first, in user/assistant pairs; the system prompt and the image's turn stay. With
         `drop_turns` False a prompt that leaves no room for an answer raises `ContextOverflow` instead, and
         one that leaves less than max_tokens is kept: its answer ends when the context is full.
+        `optional_tools` go first of all, when the prompt with them leaves less room than max_tokens (a quarter
+        of the context without a limit): a client's dozens of tools can take more than a small context.
         """
         turns = list(conversation.turns)
         image_turn, image = self.current_image(conversation)
         dropped = 0
         ids = self._incremental(conversation, image_turn)
         if ids is None:
+            ids = self._render(conversation, turns, image_turn)
+        room = conversation.sampling.max_tokens or self.model.n_ctx // 4
+        if conversation.optional_tools and conversation.tools and len(ids) + room > self.model.n_ctx:
+            conversation.tools = None
             ids = self._render(conversation, turns, image_turn)
         if not drop_turns:
             self._check_fits(ids)

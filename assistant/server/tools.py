@@ -13,6 +13,9 @@ sent and reads the call back out of the answer:
   nothing but a call (to that function), so the answer is one, unless max_tokens cuts it first.
 * "none": the tools are not shown to the model, and the answer is text.
 
+With "auto", tools that would crowd the answer out of the context are left out too (`Conversation.optional_tools`):
+Open WebUI 0.12.4 sends 36 built-in tools with every message: 8,100 tokens in Llama 3's template.
+
 Meta's prompt format for Llama 3.2 Vision says that tool calling does not work with an image in the prompt
 (llama-models, models/llama3_2/vision_prompt_format.md); its template then writes no system message, and puts
 the tools in the first user message, which loses an image there. So when the conversation has an image, "auto"
@@ -136,7 +139,7 @@ def use_tools(conversation: Conversation, use: ToolUse | None, messages: list[Me
                                 "conversation (Meta's prompt format); send the request without the image, or let the "
                                 "model choose ('auto': the answer is then text)", param=use.choice_field)
         return                                   # Meta: no tool calls with images; answered as text
-    conversation.tools = use.schemas
+    conversation.tools, conversation.optional_tools = use.schemas, use.choice == "auto"
     if use.choice != "auto":
         conversation.sampling = _constrained(conversation.sampling, use)
 

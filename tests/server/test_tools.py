@@ -222,6 +222,26 @@ def test_openai_python_gets_the_named_call_and_the_result_is_answered(openai_cli
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_tools_that_crowd_the_answer_out_are_left_out_unless_a_call_is_required(openai_client: openai.OpenAI) -> None:
+    """Open WebUI sends 36 tools with every message. With tool_choice auto, tools whose prompt leaves less room
+    than max_tokens (a quarter of the context without a limit) are left out; a required call keeps them."""
+    many = [{"type": "function", "function": {"name": f"tool_{i}", "description": "Does one thing. " * 8,
+                                              "parameters": {"type": "object", "properties": {}}}} for i in range(12)]
+    plain = openai_client.chat.completions.create(model="tiny-a", messages=ASK, max_tokens=8, seed=1)
+    shown = openai_client.chat.completions.create(model="tiny-a", messages=ASK, tools=many, max_tokens=8, seed=1)
+    assert 3072 < shown.usage.prompt_tokens < 4096 - 8          # fits with room for 8 tokens: shown
+    left_out = openai_client.chat.completions.create(model="tiny-a", messages=ASK, tools=many, seed=1,
+                                                     max_tokens=2000)
+    assert left_out.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert left_out.choices[0].finish_reason in ("stop", "length")
+    unlimited = openai_client.chat.completions.create(model="tiny-a", messages=ASK, tools=many, seed=1, stop=["j"])
+    assert unlimited.usage.prompt_tokens == plain.usage.prompt_tokens      # less than a quarter of 4096 left
+    required = openai_client.chat.completions.create(model="tiny-a", messages=ASK, tools=many, tool_choice="required",
+                                                     max_tokens=2000, seed=1)
+    assert required.usage.prompt_tokens == shown.usage.prompt_tokens
+    assert required.choices[0].message.tool_calls[0].function.name.startswith("tool_")
+
+
 # ---------------------------------------------------------------------------------------------- LangChain
 
 @tool
