@@ -66,8 +66,7 @@ class ChatMessage(Schema):
     role: str
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_name: str | None = None                            # a tool result's tool: the template has no place for it
+    tool_calls: list[ToolCallIn] | None = None               # (a result's tool_name: the template shows none)
 
 
 class ChatRequest(Schema):

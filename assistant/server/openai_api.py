@@ -59,8 +59,7 @@ class ToolCallIn(Schema):
 class ChatMessage(Schema):
     role: str
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None                         # a tool result's call: the template has no place for it
+    tool_calls: list[ToolCallIn] | None = None               # (a result's tool_call_id: the template shows none)
 
 
 class StreamOptions(Schema):

@@ -34,7 +34,6 @@ from assistant.runtime.grammar import GrammarError, json_grammar
 from assistant.server.inputs import ApiError, Message
 
 
-
 @dataclass(frozen=True)
 class ToolUse:
     """The tools of one request and what it asks of them."""

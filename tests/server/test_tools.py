@@ -235,6 +235,9 @@ def test_tools_that_crowd_the_answer_out_are_left_out_unless_a_call_is_required(
     assert left_out.usage.prompt_tokens == plain.usage.prompt_tokens
     assert left_out.choices[0].finish_reason in ("stop", "length")
     unlimited = openai_client.chat.completions.create(model="tiny-a", messages=ASK, tools=many, seed=1, stop=["j"])
+    none = openai_client.chat.completions.create(model="tiny-a", messages=ASK, tools=many, tool_choice="none",
+                                                 max_tokens=8, seed=1)
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens            # "none": never shown
     assert unlimited.usage.prompt_tokens == plain.usage.prompt_tokens      # less than a quarter of 4096 left
     required = openai_client.chat.completions.create(model="tiny-a", messages=ASK, tools=many, tool_choice="required",
                                                      max_tokens=2000, seed=1)
