@@ -19,11 +19,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--devices", action="store_true",
                      help="collect tests/devices: the runtime on ggml's RPC device (needs the RPC build; "
                           "`make test-devices` builds it and passes this)")
+    parser.addoption("--openwebui", metavar="PATH",
+                     help="collect tests/openwebui with this `open-webui` command (`make test-openwebui` installs "
+                          "Open WebUI and passes it)")
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """tests/devices runs only with --devices, in the RPC build's environment; `make test` leaves it out."""
+    """tests/devices runs only with --devices, in the RPC build's environment, and tests/openwebui only with
+    --openwebui; `make test` leaves them out."""
     if collection_path == Path(__file__).parent / "devices" and not config.getoption("--devices"):
+        return True
+    if collection_path == Path(__file__).parent / "openwebui" and not config.getoption("--openwebui"):
         return True
     return None
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generator, Literal
 
-from assistant.chat.template import IMAGE_TOKEN, ChatTemplate, ChatTemplateError, TemplateMessage
+from assistant.chat.template import IMAGE_TOKEN, ChatTemplate, ChatTemplateError, TemplateMessage, ToolCall
 from models.errors import LvaError
 
 DEFAULT_MAX_TOKENS = 1024
@@ -55,11 +55,12 @@ class Sampling:
 
 @dataclass
 class Turn:
-    role: str                                   # user | assistant
+    role: str                                   # user | assistant | tool (a tool's result, from lva serve's clients)
     text: str
     image: Path | bytes | None = None           # the image attached at this user turn (bytes: sent to lva serve)
     status: str = "complete"                    # assistant turns: complete | stopped
     message_id: int | None = None               # its row in the history, when kept
+    tool_calls: tuple[ToolCall, ...] = ()       # assistant turns that called tools
 
 
 @dataclass
@@ -87,14 +88,17 @@ class Conversation:
     transcript: list[int] = field(default_factory=list)   # prompt + answer ids of the last exchange
     transcript_turns: int = 0                             # how many turns `transcript` covers
     last_prompt: list[int] = field(default_factory=list)   # the ids the last answer was generated from
+    tools: list[dict] | None = None                       # JSON schemas of the tools the template shows the model
+    optional_tools: bool = False                          # left out when they would crowd the answer out (below)
 
     def take_transcript(self, previous: Conversation) -> None:
         """Continue from `previous` when this conversation repeats it and adds turns, as a stateless client
         (`lva serve`) resends its whole conversation: then only the new turns' tokens are evaluated."""
         done = previous.transcript_turns
-        if not done or self.system_prompt != previous.system_prompt or len(self.turns) <= done:
+        if not done or (self.system_prompt, self.tools) != (previous.system_prompt, previous.tools) \
+                or len(self.turns) <= done:
             return
-        if all((a.role, a.text, a.image) == (b.role, b.text, b.image)
+        if all((a.role, a.text, a.image, a.tool_calls) == (b.role, b.text, b.image, b.tool_calls)
                for a, b in zip(self.turns[:done], previous.turns[:done])):
             self.transcript, self.transcript_turns = previous.transcript, done
 
@@ -132,7 +136,8 @@ class ChatEngine:
 
     def _messages(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[TemplateMessage]:
         messages = [TemplateMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
-        return messages + [TemplateMessage(t.role, t.text, has_image=(i == image_turn)) for i, t in enumerate(turns)]
+        return messages + [TemplateMessage(t.role, t.text, has_image=(i == image_turn), tool_calls=t.tool_calls)
+                           for i, t in enumerate(turns)]
 
     def _render(self, conversation: Conversation, turns: list[Turn], image_turn: int | None) -> list[int]:
         text = self._text(conversation, turns, image_turn, add_generation_prompt=True)
@@ -147,12 +152,18 @@ class ChatEngine:
         Oldest turns go first, in user/assistant pairs; the system prompt and the image's turn stay. With
         `drop_turns` False a prompt that leaves no room for an answer raises `ContextOverflow` instead, and
         one that leaves less than max_tokens is kept: its answer ends when the context is full.
+        `optional_tools` go first of all, when the prompt with them leaves less room than max_tokens (a quarter
+        of the context without a limit): a client's dozens of tools can take more than a small context.
         """
         turns = list(conversation.turns)
         image_turn, image = self.current_image(conversation)
         dropped = 0
         ids = self._incremental(conversation, image_turn)
         if ids is None:
+            ids = self._render(conversation, turns, image_turn)
+        room = conversation.sampling.max_tokens or self.model.n_ctx // 4
+        if conversation.optional_tools and conversation.tools and len(ids) + room > self.model.n_ctx:
+            conversation.tools = None
             ids = self._render(conversation, turns, image_turn)
         if not drop_turns:
             self._check_fits(ids)
@@ -193,7 +204,8 @@ class ChatEngine:
         variables: dict[str, Any] = {"date_string": self.date_string} if self.date_string else {}
         try:
             return self.template.render(self._messages(conversation, turns, image_turn),
-                                        add_generation_prompt=add_generation_prompt, **variables)
+                                        add_generation_prompt=add_generation_prompt, tools=conversation.tools,
+                                        **variables)
         except ChatTemplateError as exc:
             raise ChatError(str(exc)) from None
 
@@ -229,11 +241,11 @@ class ChatEngine:
         return self._answer(conversation, on_reply)
 
     def answer(self, conversation: Conversation, on_reply: Callable[[Reply], None] | None = None) -> Answer:
-        """Answer a conversation whose last turn is the user's, as it stands: a conversation that does not
-        fit the context is refused (`ContextOverflow`), not shortened, and the answer ends at max_tokens or
-        when the context is full. For clients that send whole conversations (`lva serve`)."""
-        if not conversation.turns or conversation.turns[-1].role != "user":
-            raise ChatError("the last message must be the user's")
+        """Answer a conversation whose last turn is the user's (or a tool's result), as it stands: a conversation
+        that does not fit the context is refused (`ContextOverflow`), not shortened, and the answer ends at
+        max_tokens or when the context is full. For clients that send whole conversations (`lva serve`)."""
+        if not conversation.turns or conversation.turns[-1].role not in ("user", "tool", "ipython"):
+            raise ChatError("the last message must be the user's or a tool's result")
         if self.current_image(conversation)[1] is not None and getattr(self.model, "vision", None) is None:
             raise ChatError(f"{self.model.text_path.name} has no vision file, so it cannot look at images")
         return self._answer(conversation, on_reply, drop_turns=False)

@@ -4,6 +4,7 @@
     ollama_api.py   /api/*: request and response shapes, and their translation into the worker's jobs
     openai_api.py   /v1/*: the same for OpenAI's chat completions
     inputs.py       what both APIs do with a request: body limit, JSON and field types, images, messages
+    tools.py        tool calling for both: the tools offered, tool_choice, the call read back from an answer
     worker.py       the one thread that owns the model; requests wait in its queue
     catalog.py      the models a client can ask for, by the names `lva models` shows
 

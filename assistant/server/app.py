@@ -28,6 +28,7 @@ from assistant.chat.engine import ContextOverflow, Sampling
 from assistant.server import ollama_api, openai_api
 from assistant.server.catalog import Catalog
 from assistant.server.inputs import ApiError, parse, read_body, until_disconnect
+from assistant.server.tools import call_reader
 from assistant.server.worker import Failed, Finished, Job, ModelWorker, Piece, Work
 from assistant.store import ModelNotFound
 from models.errors import LvaError
@@ -51,7 +52,7 @@ class Writer(Protocol):
 
     media_type: str
 
-    def piece(self, text: str) -> bytes: ...
+    def piece(self, text: str) -> bytes: ...               # empty while the text may be a tool call
 
     def end(self, finished: Finished) -> bytes: ...
 
@@ -94,7 +95,8 @@ async def chat(request: Request) -> Response:
     server = _server(request)
     body = parse(ollama_api.ChatRequest, await read_body(request))
     work = await ollama_api.chat_work(body, server.catalog, server.defaults)
-    return await answer(request, work, ollama_api.AnswerWriter(work.model.name), body.stream and work.task is not None)
+    return await answer(request, work, ollama_api.AnswerWriter(work.model.name, call_reader(work.task)),
+                        body.stream and work.task is not None)
 
 
 async def generate(request: Request) -> Response:
@@ -118,7 +120,8 @@ async def chat_completions(request: Request) -> Response:
     body = parse(openai_api.ChatCompletionRequest, await read_body(request))
     work = await openai_api.completion_work(body, server.catalog, server.defaults)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return await answer(request, work, openai_api.CompletionWriter(work.model.name, include_usage), body.stream)
+    writer = openai_api.CompletionWriter(work.model.name, include_usage, call_reader(work.task))
+    return await answer(request, work, writer, body.stream)
 
 
 ROUTES = [
@@ -161,7 +164,8 @@ async def answer(request: Request, work: Work, writer: Writer, stream: bool) -> 
 async def _stream(job: Job, event: Piece | Finished | Failed, writer: Writer) -> AsyncIterator[bytes]:
     while True:
         if isinstance(event, Piece):
-            yield writer.piece(event.text)
+            if data := writer.piece(event.text):
+                yield data
         elif isinstance(event, Finished):
             yield writer.end(event)
             return

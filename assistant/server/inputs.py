@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from assistant.chat.engine import Conversation, Sampling, Turn
+from assistant.chat.template import ToolCall
 from assistant.images import ImageError, load_image
 from models.errors import LvaError
 
@@ -135,6 +136,7 @@ class Message:
     role: str
     text: str
     images: list[tuple[bytes, str]]              # (bytes, where in the request), in order
+    tool_calls: tuple[ToolCall, ...] = ()        # an assistant message's calls
 
 
 async def conversation_from(messages: list[Message], sampling: Sampling) -> Conversation:
@@ -147,12 +149,15 @@ async def conversation_from(messages: list[Message], sampling: Sampling) -> Conv
             if message.images:
                 raise ApiError(400, f"{where}: a system message cannot carry images", param=where)
             system.append(message.text)
-        elif message.role in ("user", "assistant"):
+        elif message.role in ("user", "assistant", "tool", "ipython"):      # ipython: Llama 3's name for tool
             if message.images and message.role != "user":
                 raise ApiError(400, f"{where}: images go in user messages", param=where)
-            turns.append(Turn(message.role, message.text, image=message.images[-1][0] if message.images else None))
+            if message.tool_calls and message.role != "assistant":
+                raise ApiError(400, f"{where}: tool calls go in assistant messages", param=where)
+            turns.append(Turn(message.role, message.text, image=message.images[-1][0] if message.images else None,
+                              tool_calls=message.tool_calls))
         else:
-            raise ApiError(400, f"{where}.role: {message.role!r} is not supported (system, user or assistant)",
+            raise ApiError(400, f"{where}.role: {message.role!r} is not supported (system, user, assistant or tool)",
                            param=f"{where}.role")
     if not any(turn.role == "user" for turn in turns):
         raise ApiError(400, "messages has no user message", param="messages")

@@ -1,6 +1,7 @@
 """Ollama's API (docs/api.md of Ollama; the fields ollama-python's `_types.py` sends and reads).
 
-    POST /api/chat      messages (images: base64), stream (NDJSON, default true), options, format, keep_alive
+    POST /api/chat      messages (images: base64; tool_calls, role tool), stream (NDJSON, default true), options,
+                        format, keep_alive, tools (options.tool_choice: lva's, as OpenAI's tool_choice)
     POST /api/generate  prompt, system, images, raw, stream, options, format, keep_alive
     GET  /api/tags      the models; POST /api/show one model; GET /api/ps the loaded one; GET /api/version
 
@@ -22,10 +23,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from assistant.chat.engine import Conversation, Sampling
+from assistant.chat.template import ToolCall
 from assistant.runtime.grammar import GrammarError, json_grammar
 from assistant.server.catalog import Catalog, ServedModel, rfc3339
 from assistant.server.inputs import (ApiError, Message, Schema, check_images, conversation_from,
                                      image_from_base64)
+from assistant.server.tools import CallReader, tool_call, tool_use, use_tools
 from assistant.server.worker import Finished, ModelWorker, RawPrompt, Work
 
 NANOSECONDS = 1_000_000_000
@@ -43,15 +46,28 @@ class Options(Schema):
     num_ctx: Annotated[int, Field(gt=0)] | None = None
     stop: list[str] | str | None = None
     repeat_penalty: Annotated[float, Field(gt=0)] | None = None
+    # Not Ollama's: OpenAI's tool_choice ("auto", "none", "required", {"type": "function", "function": {"name"}}),
+    # here because options are what Ollama's clients pass through unchanged.
+    tool_choice: str | dict[str, Any] | None = None
 
 
 Format = Literal["", "json"] | dict[str, Any] | None        # "json", or a JSON schema
+
+
+class ToolCallFunction(Schema):
+    name: str
+    arguments: dict[str, Any] | None = None
+
+
+class ToolCallIn(Schema):
+    function: ToolCallFunction
 
 
 class ChatMessage(Schema):
     role: str
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCallIn] | None = None               # (a result's tool_name: the template shows none)
 
 
 class ChatRequest(Schema):
@@ -90,14 +106,21 @@ async def chat_work(body: ChatRequest, catalog: Catalog, defaults: Sampling) -> 
     if not body.messages:
         raise ApiError(400, "messages is required and must not be empty (to load the model, POST /api/generate "
                             "with an empty prompt)", param="messages")
-    if body.tools:
-        raise ApiError(400, "tools are not supported: lva serves Llama 3.2 Vision without tool calls", param="tools")
     keep_alive, options = keep_alive_seconds(body.keep_alive), body.options or Options()
-    messages = [Message(m.role, m.content, [(image_from_base64(image, f"messages[{i}].images[{j}]"),
-                                              f"messages[{i}].images[{j}]") for j, image in enumerate(m.images or [])])
-                for i, m in enumerate(body.messages)]
+    use = tool_use(body.tools, options.tool_choice, "options.tool_choice")
+    messages = [_message(message, index) for index, message in enumerate(body.messages)]
     conversation = await conversation_from(messages, sampling(defaults, options, body.format))
+    use_tools(conversation, use, messages)
     return Work(model, conversation, options.num_ctx, keep_alive)
+
+
+def _message(message: ChatMessage, index: int) -> Message:
+    where = f"messages[{index}]"
+    images = [(image_from_base64(image, f"{where}.images[{j}]"), f"{where}.images[{j}]")
+              for j, image in enumerate(message.images or [])]
+    calls = tuple(tool_call(call.function.name, call.function.arguments or {}, f"{where}.tool_calls[{j}]")
+                  for j, call in enumerate(message.tool_calls or []))
+    return Message(message.role, message.content, images, calls)
 
 
 async def generate_work(body: GenerateRequest, catalog: Catalog, defaults: Sampling) -> Work:
@@ -170,27 +193,44 @@ def _now() -> str:
 
 
 class AnswerWriter:
-    """/api/chat's objects; /api/generate's differ only in where the text goes (`GenerateWriter`)."""
+    """/api/chat's objects; /api/generate's differ only in where the text goes (`GenerateWriter`).
+
+    A tool call comes as `message.tool_calls`; streamed, in one object of its own before the last, as Ollama
+    sends it."""
 
     media_type = "application/x-ndjson"
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, calls: CallReader | None = None) -> None:
         self.model = model
+        self.calls = calls or CallReader(None)
 
-    def _text(self, text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}}
+    def _text(self, text: str, calls: list[ToolCall]) -> dict:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        return {"message": message}
 
     def piece(self, text: str) -> bytes:
-        return _line({"model": self.model, "created_at": _now(), **self._text(text), "done": False})
+        text = self.calls.feed(text)
+        return self._piece(text, []) if text else b""
+
+    def _piece(self, text: str, calls: list[ToolCall]) -> bytes:
+        return _line({"model": self.model, "created_at": _now(), **self._text(text, calls), "done": False})
 
     def end(self, finished: Finished) -> bytes:
-        return _line(self.whole(finished, ""))
+        held, calls = self.calls.finish()
+        return (self._piece(held, calls) if held or calls else b"") + _line(self._last(finished, "", []))
 
     def error(self, message: str) -> bytes:
         return _line({"error": message})
 
     def whole(self, finished: Finished, text: str) -> dict:
-        answer = {"model": finished.model, "created_at": _now(), **self._text(text), "done": True,
+        shown = self.calls.feed(text)
+        held, calls = self.calls.finish()
+        return self._last(finished, shown + held, calls)
+
+    def _last(self, finished: Finished, text: str, calls: list[ToolCall]) -> dict:
+        answer = {"model": finished.model, "created_at": _now(), **self._text(text, calls), "done": True,
                   "done_reason": finished.done_reason}
         reply = finished.reply
         if reply is None:                                   # a load or an unload
@@ -201,7 +241,7 @@ class AnswerWriter:
 
 
 class GenerateWriter(AnswerWriter):
-    def _text(self, text: str) -> dict:
+    def _text(self, text: str, calls: list[ToolCall]) -> dict:
         return {"response": text}
 
 
@@ -234,10 +274,11 @@ def show(catalog: Catalog, body: ShowRequest, defaults: Sampling, n_ctx: int) ->
     metadata = model.metadata()
     parameters = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
                   "min_p": defaults.min_p, "repeat_penalty": defaults.repeat_penalty, "num_ctx": n_ctx}
+    template = metadata.pop("tokenizer.chat_template", "")
+    capabilities = ["completion"] + (["vision"] if model.vision else []) + (["tools"] if "tools" in template else [])
     return {"modelfile": f"# served by lva\nFROM {model.text}\n",
             "parameters": "\n".join(f"{name:<30} {value}" for name, value in parameters.items()),
-            "template": metadata.pop("tokenizer.chat_template", ""), "details": _details(model),
-            "model_info": metadata, "capabilities": ["completion"] + (["vision"] if model.vision else []),
+            "template": template, "details": _details(model), "model_info": metadata, "capabilities": capabilities,
             "modified_at": model.modified_at}
 
 

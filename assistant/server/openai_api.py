@@ -3,7 +3,8 @@
     POST /v1/chat/completions   content as a string or parts (`text`, `image_url` with a data: URL); stream as
                                 server-sent events ending in `data: [DONE]` (with stream_options.include_usage);
                                 max_tokens / max_completion_tokens, temperature, top_p, seed, stop,
-                                response_format (json_object, json_schema)
+                                response_format (json_object, json_schema), tools and tool_choice (tool_calls
+                                in assistant messages, results as role tool)
     GET  /v1/models, /v1/models/{id}
 
 `usage.prompt_tokens` is the whole prompt; `usage.prompt_tokens_details.cached_tokens` the part the KV
@@ -21,9 +22,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from assistant.chat.engine import Sampling
+from assistant.chat.template import ToolCall
 from assistant.runtime.grammar import GrammarError, json_grammar
 from assistant.server.catalog import Catalog, ServedModel
 from assistant.server.inputs import ApiError, Message, Schema, conversation_from, image_from_data_url
+from assistant.server.tools import CallReader, tool_call, tool_use, use_tools
 from assistant.server.worker import Finished, Work
 
 
@@ -42,9 +45,21 @@ class ImagePart(Schema):
     image_url: ImageUrl | str
 
 
+class ToolCallFunction(Schema):
+    name: str
+    arguments: str | dict[str, Any] = ""                   # JSON text, as OpenAI sends it (an object is taken too)
+
+
+class ToolCallIn(Schema):
+    id: str = ""
+    type: str = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(Schema):
     role: str
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    tool_calls: list[ToolCallIn] | None = None               # (a result's tool_call_id: the template shows none)
 
 
 class StreamOptions(Schema):
@@ -75,6 +90,7 @@ class ChatCompletionRequest(Schema):
     n: Annotated[int, Field(ge=1)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 async def completion_work(body: ChatCompletionRequest, catalog: Catalog, defaults: Sampling) -> Work:
@@ -83,15 +99,18 @@ async def completion_work(body: ChatCompletionRequest, catalog: Catalog, default
         raise ApiError(400, "messages must be a non-empty list", param="messages")
     if body.n not in (None, 1):
         raise ApiError(400, "n: lva writes one choice per request", param="n")
-    if body.tools:
-        raise ApiError(400, "tools are not supported: lva serves Llama 3.2 Vision without tool calls", param="tools")
+    use = tool_use(body.tools, body.tool_choice, "tool_choice")
     messages = [_message(message, index) for index, message in enumerate(body.messages)]
-    return Work(model, await conversation_from(messages, sampling(defaults, body)))
+    conversation = await conversation_from(messages, sampling(defaults, body))
+    use_tools(conversation, use, messages)
+    return Work(model, conversation)
 
 
 def _message(message: ChatMessage, index: int) -> Message:
+    calls = tuple(tool_call(call.function.name, call.function.arguments, f"messages[{index}].tool_calls[{j}]")
+                  for j, call in enumerate(message.tool_calls or []))
     if message.content is None or isinstance(message.content, str):
-        return Message(message.role, message.content or "", [])
+        return Message(message.role, message.content or "", [], calls)
     texts, images = [], []
     for part_index, part in enumerate(message.content):
         where = f"messages[{index}].content[{part_index}]"
@@ -100,7 +119,7 @@ def _message(message: ChatMessage, index: int) -> Message:
         else:
             url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
             images.append((image_from_data_url(url, f"{where}.image_url"), f"{where}.image_url"))
-    return Message(message.role, "\n".join(texts), images)
+    return Message(message.role, "\n".join(texts), images, calls)
 
 
 def sampling(defaults: Sampling, body: ChatCompletionRequest) -> Sampling:
@@ -130,14 +149,16 @@ def sampling(defaults: Sampling, body: ChatCompletionRequest) -> Sampling:
 # ---------------------------------------------------------------------------------------------- answers
 
 class CompletionWriter:
-    """A chat completion, whole or as chunks (server-sent events)."""
+    """A chat completion, whole or as chunks (server-sent events). A tool call comes as `tool_calls` with
+    `finish_reason` "tool_calls"; streamed, as one chunk with the whole call before the last chunk."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, model: str, include_usage: bool = False) -> None:
+    def __init__(self, model: str, include_usage: bool = False, calls: CallReader | None = None) -> None:
         self.model, self.include_usage = model, include_usage
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.started = False
+        self.calls = calls or CallReader(None)
 
     def _chunk(self, delta: dict, finish_reason: str | None = None, choices: bool = True) -> bytes:
         chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -148,13 +169,21 @@ class CompletionWriter:
         return _event(chunk)
 
     def piece(self, text: str) -> bytes:
+        text = self.calls.feed(text)
+        return self._text(text) if text else b""
+
+    def _text(self, text: str) -> bytes:
         first = b"" if self.started else self._chunk({"role": "assistant", "content": ""})
         self.started = True
         return first + self._chunk({"content": text})
 
     def end(self, finished: Finished) -> bytes:
-        out = self.piece("") if not self.started else b""
-        out += self._chunk({}, _finish_reason(finished))
+        held, calls = self.calls.finish()
+        out = self._text(held) if held or not (self.started or calls) else b""     # an empty answer too
+        if calls:
+            first = {} if self.started else {"role": "assistant", "content": None}
+            out += self._chunk({**first, "tool_calls": [{"index": i, **_call(c)} for i, c in enumerate(calls)]})
+        out += self._chunk({}, _finish_reason(finished, calls))
         if self.include_usage:
             out += _event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                            "model": self.model, "choices": [], "usage": _usage(finished)})
@@ -164,13 +193,25 @@ class CompletionWriter:
         return _event({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
     def whole(self, finished: Finished, text: str) -> dict:
+        shown = self.calls.feed(text)
+        held, calls = self.calls.finish()
+        message: dict[str, Any] = {"role": "assistant", "content": shown + held}
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": [_call(call) for call in calls]}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": finished.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": _finish_reason(finished), "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(finished, calls),
+                             "logprobs": None}],
                 "usage": _usage(finished)}
 
 
-def _finish_reason(finished: Finished) -> str:
+def _call(call: ToolCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+
+
+def _finish_reason(finished: Finished, calls: list[ToolCall]) -> str:
+    if calls:
+        return "tool_calls"
     return "length" if finished.done_reason == "length" else "stop"
 
 

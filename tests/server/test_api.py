@@ -152,7 +152,7 @@ def test_tags_show_ps_version_and_models(server: LvaServer, ollama_client: ollam
     assert [m.model for m in listed] == ["tiny-a-F32"] and listed[0].details.quantization_level == "F32"
     assert listed[0].size > 0 and listed[0].digest
     shown = ollama_client.show("tiny-a")
-    assert "vision" in shown.capabilities and shown.modelinfo["general.architecture"] == "llama"
+    assert {"vision", "tools"} <= set(shown.capabilities) and shown.modelinfo["general.architecture"] == "llama"
     assert "<|start_header_id|>" in shown.template
     ollama_client.generate(model="tiny-a")
     running = ollama_client.ps().models

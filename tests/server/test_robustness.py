@@ -55,6 +55,8 @@ def image_part(url: str) -> dict:
 
 
 USER = [{"role": "user", "content": "Hi"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 NOT_AN_IMAGE = b64(b"these are words, not pixels")
 BAD_INPUT = {
     "malformed JSON": ("/api/chat", b'{"model": "tiny-a", "messages": [', 400, "not valid JSON"),
@@ -91,6 +93,50 @@ BAD_INPUT = {
         "/api/chat", chat([{"role": "system", "content": "Be brief."},
                            {**USER[0], "images": [b64(IMAGE.read_bytes())]}]),
         400, "incompatible with system messages"),
+    "a tool whose parameters are not a schema": (
+        "/api/chat", {**chat(USER), "tools": [{"type": "function", "function": {"name": "f", "parameters": "city"}}]},
+        400, "tools[0].function.parameters must be a JSON schema"),
+    "a tool without a name (OpenAI)": (
+        "/v1/chat/completions", {**completion(USER), "tools": [WEATHER, {"type": "function", "function": {}}]},
+        400, "tools[1].function.name must be a non-empty string"),
+    "a schema no grammar can follow (OpenAI)": (
+        "/v1/chat/completions", {**completion(USER), "tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+                "when": {"$ref": "#/$defs/missing"}}}}}]}, 400, "tools: the JSON schema cannot be used"),
+    "a call to an unknown tool in the history": (
+        "/api/chat", {**chat(USER + [{"role": "assistant", "tool_calls": [{"function": {"name": "get_time",
+                                                                                       "arguments": {}}}]},
+                                     {"role": "tool", "content": "12:00"}]), "tools": [WEATHER]},
+        400, "messages[1].tool_calls[0].function.name: 'get_time' is not among the request's tools (get_weather)"),
+    "a call to an unknown tool in the history (OpenAI)": (
+        "/v1/chat/completions", {**completion(USER + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]), "tools": [WEATHER]},
+        400, "'get_time' is not among the request's tools"),
+    "call arguments that are not JSON (OpenAI)": (
+        "/v1/chat/completions", {**completion(USER + [{"role": "assistant", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "22"}]), "tools": [WEATHER]},
+        400, "messages[1].tool_calls[0].function.arguments must be a JSON object"),
+    "tool_choice naming a missing tool (OpenAI)": (
+        "/v1/chat/completions", {**completion(USER), "tools": [WEATHER],
+                                 "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+        400, "tool_choice names the function 'get_time', which is not among the request's tools (get_weather)"),
+    "tool_choice naming a missing tool": (
+        "/api/chat", {**chat(USER), "tools": [WEATHER], "options": {
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}}}},
+        400, "options.tool_choice names the function 'get_time'"),
+    "tool_choice required without tools (OpenAI)": (
+        "/v1/chat/completions", {**completion(USER), "tool_choice": "required"}, 400,
+        "tool_choice is 'required' but the request offers no tools"),
+    "a required tool call with an image": (
+        "/api/chat", {**chat([{**USER[0], "images": [b64(IMAGE.read_bytes())]}]), "tools": [WEATHER],
+                      "options": {"tool_choice": "required"}}, 400, "does not call tools with an image"),
+    "two tool calls in one message (the template refuses)": (
+        "/v1/chat/completions", {**completion(USER + [{"role": "assistant", "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+            for i in range(2)]}, {"role": "tool", "tool_call_id": "call_0", "content": "22"}]), "tools": [WEATHER]},
+        400, "only supports single tool-calls at once"),
     "a bad keep_alive": ("/api/generate", {"model": "tiny-a", "prompt": "Hi", "keep_alive": "soon"}, 400, "keep_alive"),
     "an unknown route": ("/api/nothing", {}, 404, "no route"),
 }
