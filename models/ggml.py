@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -175,7 +175,7 @@ for _name, _res, _args in [
     ("ggml_gallocr_free", None, [c_void_p]),
     ("ggml_gallocr_alloc_graph", c_bool, [c_void_p, c_void_p]),
 ]:
-    _sig(_name, _res, *_args)
+    _sig(_name, _res, *cast("list[Any]", _args))
 
 _SET_N_THREADS = ctypes.CFUNCTYPE(None, c_void_p, c_int)
 
@@ -226,7 +226,8 @@ def struct(t: Tensor) -> TensorStruct:
 
 def shape(t: Tensor) -> tuple[int, int, int, int]:
     """ggml order: ne[0] is the contiguous (fastest) dimension."""
-    return tuple(struct(t).ne)  # type: ignore[return-value]
+    ne = struct(t).ne
+    return ne[0], ne[1], ne[2], ne[3]
 
 
 def is_contiguous(t: Tensor) -> bool:

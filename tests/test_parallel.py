@@ -17,7 +17,7 @@ import pytest
 from assistant import load_model
 from assistant.runtime.errors import ModelError
 from assistant.runtime.model import SamplingParams
-from assistant.runtime.parallel import Answer, ParallelDecoder, Request
+from assistant.runtime.parallel import AnswerHandle, ParallelDecoder, Request
 from convert.pipeline import convert
 from models.errors import LvaError
 
@@ -54,7 +54,7 @@ def run(decoder: ParallelDecoder) -> None:
         pass
 
 
-def tokens_of(answer: Answer) -> list[int]:
+def tokens_of(answer: AnswerHandle) -> list[int]:
     return list(answer.tokens())
 
 

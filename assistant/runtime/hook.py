@@ -74,7 +74,7 @@ class Segment:
 
     first: int
     count: int
-    image: ImageKV
+    image: ImageKV | None            # None: rows that see no image
 
 
 class CrossAttentionHook:
@@ -107,6 +107,8 @@ class CrossAttentionHook:
             self._drop_graphs()
         if image is None:
             self.seen.pop(sequence, None)
+        elif image_start is None:
+            raise ValueError("an image is seen from the position of its token: image_start is needed")
         else:
             self.seen[sequence] = Seen(image, image_start)
 
@@ -134,13 +136,13 @@ class CrossAttentionHook:
             return wanted if ask else True
         try:
             self._apply(tensor, name)
-        except Exception as exc:                     # an exception must not cross into C
+        except Exception as exc:  # noqa: BLE001  (an exception must not cross into C: decode raises it after)
             self.error = exc
             return False
         return True
 
     def _apply(self, tensor: int, name: bytes) -> None:
-        batch, n_embd = self.batch, self.hp.hidden_size
+        batch, n_embd = self._current(), self.hp.hidden_size
         n_rows = ggml.shape(tensor)[1]
         if name == EMBEDDINGS_NODE:
             batch.rows = slice(batch.cursor, batch.cursor + n_rows)
@@ -165,10 +167,15 @@ class CrossAttentionHook:
             x = self._cross_layers(name, x, self._segments(rows[first:last], seeing[first:last]))
         ggml.write_rows(tensor, x, first * row_bytes)
 
+    def _current(self) -> Batch:
+        if self.batch is None:
+            raise RuntimeError("the hook was called before prepare()")
+        return self.batch
+
     def _segments(self, rows: np.ndarray, seeing: np.ndarray) -> list[Segment]:
         """The runs of consecutive rows of one sequence that see its image, and of rows that see none (an
         image of None: they pass through unchanged)."""
-        sequences = self.batch.sequences[rows]
+        sequences = self._current().sequences[rows]
         segments: list[Segment] = []
         for i, (sequence, sees) in enumerate(zip(sequences.tolist(), seeing.tolist())):
             image = self.seen[sequence].image if sees else None
@@ -183,9 +190,9 @@ class CrossAttentionHook:
         through). The graph of a few rows (decoding) is built once per shape and kept with its own scratch
         memory; other shapes are built, run and dropped (a graph keeps the addresses its scratch gave it,
         so graphs may share scratch memory only one at a time)."""
+        shape = [(s.count, s.image) for s in segments if s.image is not None]
         seeing = [s for s in segments if s.image is not None]
         rows = np.concatenate([x[s.first:s.first + s.count] for s in seeing]) if len(seeing) < len(segments) else x
-        shape = [(s.count, s.image) for s in seeing]
         if len(rows) <= MAX_DECODE_ROWS:
             key = (name, *((count, id(image)) for count, image in shape))
             if key not in self.decode_graphs and len(self.decode_graphs) >= MAX_KEPT_GRAPHS:

@@ -43,7 +43,7 @@ class ImageStore:
         self._kept: OrderedDict[str, ImageKV] = OrderedDict()
 
     def key(self, image: ImageSource) -> str:
-        paths = self.vision.tower.paths
+        paths = self.encoder.tower.paths
         return f"{content_id(load_image(image))}:{self.vision.pair_id}:{paths.attention}+{paths.products}"
 
     def encode(self, image: ImageSource, progress: Progress | None = None,

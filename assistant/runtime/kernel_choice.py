@@ -24,7 +24,7 @@ import llama_cpp
 
 from assistant.store import cache_dir
 from models.kernels import library, paths
-from models.kernels.paths import GGML_PATHS, KernelError, Paths
+from models.kernels.paths import GGML_PATHS, KernelError, KernelPath, Paths
 from models.mllama import calibration
 from models.mllama.calibration import OPS, Measurement
 
@@ -87,7 +87,8 @@ def choose(threads: int, progress: Progress | None = None, environment: Mapping[
                 (forced_products and forced_products not in (paths.GGML_PRODUCTS, paths.GGML_BF16_PRODUCTS)):
             library.required()                                   # says why, in one line
         _warn_missing_library(library.load()[1])
-        return GGML_PATHS if forced_products is None else replace(GGML_PATHS, products=forced_products)
+        products = forced_products if isinstance(forced_products, KernelPath) else GGML_PATHS.products
+        return replace(GGML_PATHS, products=products)
     found = measurements(threads, progress, cache)
     chosen = calibration.choose(found)
     if forced_attention is not None:
@@ -123,7 +124,8 @@ def _measure(threads: int, progress: Progress | None) -> list[Measurement]:
             progress(MEASURING, done / total)
     if progress:
         progress(MEASURING, 0.0)
-    return [m for op, candidates in planned.items() for m in calibration.measure(op, candidates, threads, progress=step)]
+    return [m for op, candidates in planned.items()
+            for m in calibration.measure(op, candidates, threads, progress=step)]
 
 
 def _read(cache: Path) -> tuple[dict, list[Measurement]] | None:

@@ -34,7 +34,8 @@ def _on_log(level: int, text: bytes, _user_data) -> None:
 def collected() -> Iterator[list[tuple[int, str]]]:
     """(level, text) of what llama.cpp and ggml log while the block runs."""
     global _lines
-    _lines = lines = []
+    lines: list[tuple[int, str]] = []
+    _lines = lines
     try:
         yield lines
     finally:

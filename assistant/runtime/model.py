@@ -12,7 +12,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import llama_cpp
 import numpy as np
@@ -84,8 +84,8 @@ class MllamaModel:
         except rpc.RpcError as exc:
             raise ModelError(str(exc)) from None
         self._backends: dict[str, ggml.Backend] = {}
-        self._device_list = None                    # what llama.cpp's loader points to, kept alive with it
-        self._load_progress = None
+        self._device_list: ctypes.Array | None = None      # what llama.cpp's loader points to, kept alive with it
+        self._load_progress: Any = None                    # the ctypes progress callback, kept alive with it
         self._model = None
         self._model, self.placement = self._load_text(self.text_path, progress)
         self.kv_cache_type = KV_CACHE_TYPES[kv_cache_type or self._default_kv_cache_type()]
@@ -120,7 +120,7 @@ class MllamaModel:
             def on_progress(fraction: float, _user_data) -> bool:
                 try:
                     progress("loading text model", float(fraction))
-                except Exception as exc:           # ctypes would print and drop it, returning an undefined bool
+                except Exception as exc:  # noqa: BLE001  (ctypes would print and drop it: raised after the load)
                     failed.append(exc)
                     return False
                 return True
@@ -202,8 +202,8 @@ class MllamaModel:
         self.placement = self.placement.with_cross_layers(vision.hp.text.cross_attention_layers)
         try:
             self.kernel_paths = self._kernel_paths(vision, progress)
-            vision.load(lambda name: self.backend_for(self.placement.device_of_vision_tensor(name)),
-                        self.vision_backend.is_cpu, self.kernel_paths, progress)
+            tower = vision.load(lambda name: self.backend_for(self.placement.device_of_vision_tensor(name)),
+                                self.vision_backend.is_cpu, self.kernel_paths, progress)
         except (GGUFError, ModelError) as exc:
             vision.close()
             raise ModelError(str(exc)) from None
@@ -216,13 +216,14 @@ class MllamaModel:
         self.vision = vision
         self._scratch = ggml.Scratch(self.vision_backend)
         n_self = llama_cpp.llama_model_n_layer(self._model)
-        self.hook = CrossAttentionHook(self.cross_backends, vision.cross_layers, vision.gates, vision.hp.text,
-                                       vision.image_token_embedding, vision.hp.image_token_id, n_self,
-                                       self.kernel_paths.cross_attention)
-        encoder = ImageEncoder(self.vision_backend, self._scratch, vision.tower, vision.cross_layers, vision.hp,
+        hook = CrossAttentionHook(self.cross_backends, vision.cross_layers, vision.gates, vision.hp.text,
+                                  vision.image_token_embedding, vision.hp.image_token_id, n_self,
+                                  self.kernel_paths.cross_attention)
+        encoder = ImageEncoder(self.vision_backend, self._scratch, tower, vision.cross_layers, vision.hp,
                                vision.kv_type)
+        self.hook = hook
         self.images = ImageStore(vision, encoder, self.vision_backend, self.cross_backends, self.feature_cache,
-                                 lambda: self.hook.bound_images)
+                                 lambda: hook.bound_images)
 
     def _kernel_paths(self, vision: VisionFile, progress: Progress | None) -> Paths:
         """The paths of lva's CPU kernels, measured on this machine (or kept from an earlier measurement),
@@ -310,6 +311,8 @@ class MllamaModel:
 
     def _require_images(self) -> ImageStore:
         self._require_vision()
+        if self.images is None:
+            raise RuntimeError("the vision file is attached but its image store is not")
         return self.images
 
     # ------------------------------------------------------------------------------------------ contexts and batches

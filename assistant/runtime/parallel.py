@@ -15,7 +15,7 @@ once, so the machine gives several answers in about the time of one. Each step:
 
 Each row of a batch sees its own sequence's image: the cross-attention hook finds the sequence of every
 row (hook.py). A request that fails (a bad image, a prompt too long) fails alone. Not thread-safe but
-`submit` and `Answer.cancel`: one thread runs `step` (the server's model worker, `lva batch`).
+`submit` and `AnswerHandle.cancel`: one thread runs `step` (the server's model worker, `lva batch`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Done:
     reason: str
 
 
-class Answer:
+class AnswerHandle:
     """A submitted request's handle: its tokens arrive as the scheduler samples them."""
 
     def __init__(self, request: Request) -> None:
@@ -87,7 +87,7 @@ class Slot:
     """One sequence of the shared context."""
 
     seq: int
-    answer: Answer | None = None
+    answer: AnswerHandle | None = None
     cached: list[int] = field(default_factory=list)    # ids the KV cache holds for this sequence
     image_key: str | None = None                       # the image those ids saw
     pending: list[int] = field(default_factory=list)   # prompt ids still to evaluate
@@ -109,13 +109,13 @@ class ParallelDecoder:
         self.model, self.n_ctx, self.n_batch = model, n_ctx, n_batch
         self.slots = [Slot(seq) for seq in range(n_parallel)]
         self._ctx = model.new_context(n_parallel * n_ctx, sequences=n_parallel, n_batch=n_batch)
-        self._waiting: queue.Queue[Answer] = queue.Queue()
+        self._waiting: queue.Queue[AnswerHandle] = queue.Queue()
         self._wake = threading.Event()
 
     # ------------------------------------------------------------------------------------------ other threads
 
-    def submit(self, request: Request) -> Answer:
-        answer = Answer(request)
+    def submit(self, request: Request) -> AnswerHandle:
+        answer = AnswerHandle(request)
         self._waiting.put(answer)
         self._wake.set()
         return answer
@@ -142,8 +142,8 @@ class ParallelDecoder:
         self._retire_cancelled()
         self._admit()
         encoding = next((slot for slot in self.slots if slot.encoding is not None), None)
-        if encoding is not None:
-            self._encode_stage(encoding)
+        if encoding is not None and encoding.encoding is not None:
+            self._encode_stage(encoding, encoding.encoding)
         rows = self._rows()
         if rows:
             self._evaluate(rows)
@@ -166,7 +166,7 @@ class ParallelDecoder:
                 self._release(slot)
                 answer.events.put(error)
 
-    def _start(self, slot: Slot, answer: Answer) -> None:
+    def _start(self, slot: Slot, answer: AnswerHandle) -> None:
         request, model = answer.request, self.model
         ids = list(request.token_ids)
         if not ids:
@@ -185,10 +185,10 @@ class ParallelDecoder:
         if request.image is not None:
             slot.encoding = model.image_encoding(request.image)
 
-    def _encode_stage(self, slot: Slot) -> None:
+    def _encode_stage(self, slot: Slot, encoding: Generator) -> None:
         """One stage of the slot's image encode; at its end the sequence sees the image."""
         try:
-            next(slot.encoding)
+            next(encoding)
             return
         except StopIteration as finished:
             _, kv = finished.value
@@ -196,7 +196,7 @@ class ParallelDecoder:
             self._fail(slot, error)
             return
         slot.encoding = None
-        self.model.bind_image(slot.seq, kv, slot.answer.request.token_ids.index(self.model.image_token_id))
+        self.model.bind_image(slot.seq, kv, _handle(slot).request.token_ids.index(self.model.image_token_id))
 
     def _rows(self) -> list[tuple[Slot, list[int], bool]]:
         """(slot, ids to evaluate, whether its last row gives logits): each decoding slot's last token, then
@@ -229,7 +229,8 @@ class ParallelDecoder:
                 self._sampled(slot, self.model.sample(slot.sampler, self._ctx, index))
 
     def _sampled(self, slot: Slot, token: int) -> None:
-        answer, request = slot.answer, slot.answer.request
+        answer = _handle(slot)
+        request = answer.request
         if request.stop_at_end_of_turn and self.model.is_end_of_turn(token):
             self._finish(slot, "stop")
             return
@@ -246,12 +247,12 @@ class ParallelDecoder:
                 self._finish(slot, "stopped")
 
     def _finish(self, slot: Slot, reason: str) -> None:
-        slot.answer.events.put(Done(reason))
+        _handle(slot).events.put(Done(reason))
         self._release(slot)
 
     def _fail(self, slot: Slot, error: Exception) -> None:
         """A request that failed leaves nothing behind: its cells are freed, its image unbound."""
-        answer = slot.answer
+        answer = _handle(slot)
         self.model.forget(self._ctx, slot.seq, 0)
         slot.cached, slot.image_key = [], None
         self._release(slot)
@@ -275,6 +276,13 @@ class ParallelDecoder:
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+
+
+def _handle(slot: Slot) -> AnswerHandle:
+    """The answer a busy slot produces."""
+    if slot.answer is None:
+        raise RuntimeError(f"slot {slot.seq} has no answer in progress")
+    return slot.answer
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -49,21 +49,23 @@ class VisionFile:
         return int(info.tensor_type)
 
     def load(self, backend_of: Callable[[str], ggml.Backend], tower_on_cpu: bool, chosen: Paths,
-             progress: Progress | None) -> None:
+             progress: Progress | None) -> VisionTower:
         """Place every tensor on the backend `backend_of(name)` names; the tower runs `chosen`'s paths where it
-        can (`tower_paths`: the tower's type and device decide)."""
+        can (`tower_paths`: the tower's type and device decide). Returns the tower."""
         # The cross layers run for every decoded token: on the CPU, give them its repacked layouts, as
         # llama.cpp gives its own layers. The vision tower runs once per image and stays memory-mapped.
         self.tensors.load(backend_of, (lambda f: progress("loading vision model", f)) if progress else None,
                           repack=lambda name: cross_layer_of(name)[0] is not None)
-        self.tower = VisionTower.load(self.tensors, self.hp.vision,
-                                      tower_paths(chosen, self.tower_type, self.hp.vision, tower_on_cpu))
+        tower = VisionTower.load(self.tensors, self.hp.vision,
+                                 tower_paths(chosen, self.tower_type, self.hp.vision, tower_on_cpu))
+        self.tower = tower
         for index in self.hp.text.cross_attention_layers:
             prefix = cross_attention_prefixes(index)[0]
             self.cross_layers[index] = self.tensors.fill(CrossAttentionLayer, prefix)
             self.gates[index] = Gates.load(self.tensors, prefix)
         info = next(t for t in self.tensors.reader.tensors if t.name == gguf_name(ImageToken, "embd"))
         self.image_token_embedding = np.asarray(info.data, dtype=np.float32).reshape(-1).copy()
+        return tower
 
     def close(self) -> None:
         if self.tower:

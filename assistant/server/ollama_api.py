@@ -274,7 +274,7 @@ def show(catalog: Catalog, body: ShowRequest, defaults: Sampling, n_ctx: int) ->
     metadata = model.metadata()
     parameters = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
                   "min_p": defaults.min_p, "repeat_penalty": defaults.repeat_penalty, "num_ctx": n_ctx}
-    template = metadata.pop("tokenizer.chat_template", "")
+    template = str(metadata.pop("tokenizer.chat_template", ""))
     capabilities = ["completion"] + (["vision"] if model.vision else []) + (["tools"] if "tools" in template else [])
     return {"modelfile": f"# served by lva\nFROM {model.text}\n",
             "parameters": "\n".join(f"{name:<30} {value}" for name, value in parameters.items()),

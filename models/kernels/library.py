@@ -92,4 +92,7 @@ def packed_bytes(arithmetic: Arithmetic, k: int, n: int) -> int:
 
 def function(name: str) -> int:
     """The address of one of the library's ops, for `Graph.custom`."""
-    return ctypes.cast(getattr(required(), name), ctypes.c_void_p).value
+    address = ctypes.cast(getattr(required(), name), ctypes.c_void_p).value
+    if address is None:
+        raise KernelError(f"lva's CPU kernels have no {name}")
+    return address

@@ -52,7 +52,7 @@ def fused_attention(g: Graph, q: Tensor, k: Tensor, v: Tensor, heads: int, real:
         raise ValueError(f"fused attention: {d} channels in {heads} heads, {real} real of {n_q} queries")
     if any(ggml.struct(t).type != int(F32) or ggml.struct(t).nb[0] != 4 for t in (q, k, v)):
         raise ValueError("fused attention takes F32 tensors with contiguous rows")
-    params = AttentionParams(heads, real, scale, path.arithmetic.value, path.isa.value)
+    params = AttentionParams(heads, real, scale, path.arithmetic.value, _isa(path))
     return g.custom(F32, (d, n_q), (q, k, v), library.function("lva_attention"), params)
 
 
@@ -64,7 +64,7 @@ def gelu(g: Graph, x: Tensor, path: KernelPath, bias: Tensor | None = None) -> T
         raise ValueError("the GELU kernel takes contiguous F32 tensors")
     if bias is not None and ggml.shape(bias) != (ggml.shape(x)[0], 1, 1, 1):
         raise ValueError(f"GELU: a bias of {ggml.shape(bias)} for rows of {ggml.shape(x)[0]}")
-    return g.custom(F32, ggml.shape(x), sources, library.function("lva_gelu"), c_int32(path.isa.value))
+    return g.custom(F32, ggml.shape(x), sources, library.function("lva_gelu"), c_int32(_isa(path)))
 
 
 def cross_attention_fits(head_dim: int, queries: int, kv_type: int) -> bool:
@@ -84,7 +84,7 @@ def cross_attention(g: Graph, q: Tensor, key: Tensor, value_t: Tensor, scale: fl
     if not ggml.is_contiguous(q) or any(ggml.struct(t).nb[0] != 2 for t in (key, value_t)):
         raise ValueError("cross-attention kernel: contiguous queries and K/V rows")
     return g.custom(F32, ggml.shape(q)[:3], (q, key, value_t), library.function("lva_cross_attention"),
-                    CrossParams(scale, path.isa.value))
+                    CrossParams(scale, _isa(path)))
 
 
 # ------------------------------------------------------------------------------------------- products
@@ -111,7 +111,7 @@ def pack(backend: ggml.Backend, matrices: Sequence[Tensor], path: KernelPath) ->
 
     def pack_one(matrix: Tensor, copy: Tensor) -> None:
         k, n = ggml.shape(matrix)[:2]
-        lib.lva_pack(path.arithmetic.value, path.isa.value, ggml.struct(matrix).data, k, n,
+        lib.lva_pack(path.arithmetic.value, _isa(path), ggml.struct(matrix).data, k, n,
                      ggml.struct(matrix).nb[1], ggml.struct(copy).data)
     try:
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:   # ctypes lets go of the GIL
@@ -137,8 +137,15 @@ def product(g: Graph, packed: Tensor, x: Tensor, path: KernelPath, original: Ten
         if original is None or ggml.shape(original)[:2] != (k, n) or not packs(original):
             raise ValueError(f"{path} product: the F16 matrix it was packed from is needed beside it")
         sources = (packed, x, original)
-    params = ProductParams(path.arithmetic.value, path.isa.value)
+    params = ProductParams(path.arithmetic.value, _isa(path))
     return g.custom(F32, (n, tokens), sources, library.function("lva_product"), params)
+
+
+def _isa(path: KernelPath) -> int:
+    """The instruction set of one of our kernels' paths, as the library numbers it."""
+    if path.isa is None:
+        raise ValueError(f"{path} is ggml's own op, not one of lva's kernels")
+    return path.isa.value
 
 
 def _bytes_per_output(arithmetic: Arithmetic, k: int, n: int) -> int:

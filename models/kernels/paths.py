@@ -105,17 +105,21 @@ EXACT_PATHS = Paths(GGML_EXACT_ATTENTION, GGML_PRODUCTS, GGML_GELU_ERF, GGML_CRO
 
 ATTENTION_ENVIRONMENT = "LVA_ATTENTION"
 PRODUCTS_ENVIRONMENT = "LVA_PRODUCTS"
-ATTENTION_NAMES = {"ggml": GGML_FLASH_ATTENTION, "f32": Arithmetic.F32, "int16": Arithmetic.INT16,
-                   "bf16": Arithmetic.BF16, "reference": KernelPath(Arithmetic.F32, Isa.REFERENCE)}
-PRODUCTS_NAMES = {"ggml": GGML_PRODUCTS, "ggml-bf16": GGML_BF16_PRODUCTS, "f32": Arithmetic.F32,
-                  "int16": Arithmetic.INT16, "int8": Arithmetic.INT8}
+# What each variable's values name: a path, or an arithmetic whose instruction set is measured.
+ATTENTION_NAMES: dict[str, KernelPath | Arithmetic] = {
+    "ggml": GGML_FLASH_ATTENTION, "f32": Arithmetic.F32, "int16": Arithmetic.INT16, "bf16": Arithmetic.BF16,
+    "reference": KernelPath(Arithmetic.F32, Isa.REFERENCE)}
+PRODUCTS_NAMES: dict[str, KernelPath | Arithmetic] = {
+    "ggml": GGML_PRODUCTS, "ggml-bf16": GGML_BF16_PRODUCTS, "f32": Arithmetic.F32, "int16": Arithmetic.INT16,
+    "int8": Arithmetic.INT8}
 
 
 def parse(value: str, names: Mapping[str, KernelPath | Arithmetic], variable: str) -> KernelPath | Arithmetic:
     """`NAME` or `NAME@ISA` (int16@avx2): a path, or an arithmetic whose instruction set is left to measure."""
     name, _, isa = value.strip().lower().partition("@")
     if name not in names:
-        raise KernelError(f"{variable}={value} is not one of {', '.join(names)} (optionally @{'|@'.join(map(str, Isa))})")
+        isas = "|@".join(map(str, Isa))
+        raise KernelError(f"{variable}={value} is not one of {', '.join(names)} (optionally @{isas})")
     chosen = names[name]
     if not isa:
         return chosen
@@ -128,7 +132,10 @@ def parse(value: str, names: Mapping[str, KernelPath | Arithmetic], variable: st
     return KernelPath(chosen if isinstance(chosen, Arithmetic) else chosen.arithmetic, wanted)
 
 
-def forced(environment: Mapping[str, str] = os.environ) -> tuple[KernelPath | Arithmetic | None, KernelPath | Arithmetic | None]:
+Forced = KernelPath | Arithmetic | None
+
+
+def forced(environment: Mapping[str, str] = os.environ) -> tuple[Forced, Forced]:
     """What `LVA_ATTENTION` and `LVA_PRODUCTS` force (None where unset): a path, or an arithmetic."""
     attention = environment.get(ATTENTION_ENVIRONMENT, "").strip()
     products = environment.get(PRODUCTS_ENVIRONMENT, "").strip()

@@ -154,7 +154,8 @@ def resolve_forced(wanted: KernelPath | Arithmetic, op: str, measurements: list[
         measured = [m for m in measurements if m.op == op and m.path.arithmetic is wanted and m.path.ours]
         if measured:
             return min(measured, key=lambda m: m.seconds).path
-        runnable = [KernelPath(wanted, isa) for isa in reversed(library.isas()) if library.runs(KernelPath(wanted, isa), op)]
+        runnable = [KernelPath(wanted, isa) for isa in reversed(library.isas())
+                    if library.runs(KernelPath(wanted, isa), op)]
         if not runnable:
             raise KernelError(f"this CPU has no {wanted} path for the {op.replace('_', '-')} "
                               f"(it runs {', '.join(map(str, library.isas())) or 'none of lva’s kernels'})")
@@ -215,7 +216,8 @@ def _products(backend: ggml.Backend, scratch: ggml.Scratch, path: KernelPath, ru
             if path.ours:
                 packed_memory, (matrix,) = ops.pack(backend, [matrix], path)
             try:
-                def build(g: Graph, matrix: Tensor = matrix) -> tuple[Tensor, dict]:
+                def build(g: Graph, matrix: Tensor = matrix, original: Tensor = original, k: int = k,
+                          x: np.ndarray = x) -> tuple[Tensor, dict]:
                     x_in = g.input(F32, k, TOKENS, name="x")
                     return vision.product(g, matrix, x_in, path, original), {x_in: x}
                 time_taken, y = _timed(backend, scratch, build, runs)
@@ -236,9 +238,9 @@ def _attention(backend: ggml.Backend, scratch: ggml.Scratch, path: KernelPath, r
     q, k, v = (rng.standard_normal((ATTENTION_TOKENS, d), dtype=np.float32) for _ in range(3))
 
     def build(g: Graph) -> tuple[Tensor, dict]:
-        inputs = [g.input(F32, d, ATTENTION_TOKENS, name=name) for name in "qkv"]
-        out = vision.attend(g, *inputs, ATTENTION_HEADS, ATTENTION_REAL, path)
-        return out, dict(zip(inputs, (q, k, v)))
+        q_in, k_in, v_in = (g.input(F32, d, ATTENTION_TOKENS, name=name) for name in "qkv")
+        out = vision.attend(g, q_in, k_in, v_in, ATTENTION_HEADS, ATTENTION_REAL, path)
+        return out, {q_in: q, k_in: k, v_in: v}
     seconds, out = _timed(backend, scratch, build, runs)
     exact = np.empty((16, d))
     for h in range(ATTENTION_HEADS):

@@ -162,8 +162,8 @@ def encoder_order(hp: VisionHParams, num_tiles: int) -> np.ndarray:
     per_tile = padded_patches(hp)
     is_pad = np.ones((hp.max_num_tiles, per_tile), dtype=bool)
     is_pad[:num_tiles, :hp.num_patches] = False
-    is_pad = is_pad.reshape(-1)
-    return np.concatenate([np.flatnonzero(~is_pad), np.flatnonzero(is_pad)]).astype(np.int32)
+    flat = is_pad.reshape(-1)
+    return np.concatenate([np.flatnonzero(~flat), np.flatnonzero(flat)]).astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -359,7 +359,7 @@ class ImageEncoder:
         Closing it early (a cancelled encode) frees everything it made."""
         self.tower.make_copies(self.backend, self.scratch)        # the first encode makes them (a second or two)
         v = self.hp.vision
-        kv = ImageKV.empty({index: self.backend for index in self.cross_layers}, self.hp,
+        kv = ImageKV.empty(dict.fromkeys(self.cross_layers, self.backend), self.hp,
                            image.num_tiles * v.num_patches, self.kv_type)
         try:
             with ggml.Memory(1 + len(v.intermediate_layers_indices)) as activations:   # live across stages
