@@ -123,11 +123,29 @@ def test_batch_encodes_each_distinct_image_once(model_path: str, tmp_path: Path)
     ])
     result = batch(model_path, source, tmp_path / "out.jsonl", "--verbose")
     assert result.returncode == 0, result.stderr
-    assert result.stderr.count("lva: encoded") == 2
+    assert "lva: 2 images encoded" in result.stderr
     records = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(r["id"] for r in records) == ["a", "b", "c"]
     assert all("error" not in r and r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in records)
     assert all(r["done_reason"] == ("length" if r["completion_tokens"] == 8 else "stop") for r in records)
+
+
+def test_batch_answers_together_what_it_answers_one_at_a_time(model_path: str, tmp_path: Path) -> None:
+    """16 questions about 4 images, 4 each, greedy: --parallel 4 writes what --parallel 1 writes."""
+    images = ["rgb_173x97.png", "rgb_80x26.png", "gray_26x80.png", "rgba_50x24.png"]
+    prompts = ["Describe it.", "What else?", "Colours?", "And the shapes?"]
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": f"{i}-{j}", "prompt": prompt, "image": str(IMAGES / image), "temperature": 0}
+        for i, image in enumerate(images) for j, prompt in enumerate(prompts)])
+    answers = {}
+    for parallel in ("1", "4"):
+        result = batch(model_path, source, tmp_path / f"out-{parallel}.jsonl", "--parallel", parallel, "--verbose")
+        assert result.returncode == 0, result.stderr
+        encoded = "4" if parallel == "1" else "0"          # then from the disk cache the first run filled
+        assert f"lva: {encoded} images encoded" in result.stderr
+        answers[parallel] = {r["id"]: (r["response"], r["completion_tokens"], r["done_reason"])
+                             for r in read_jsonl(tmp_path / f"out-{parallel}.jsonl")}
+    assert len(answers["4"]) == 16 and answers["4"] == answers["1"]
 
 
 def test_batch_turns_bad_lines_into_error_records_and_goes_on(model_path: str, tmp_path: Path) -> None:

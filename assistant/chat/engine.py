@@ -106,8 +106,12 @@ class Conversation:
 class ChatEngine:
     """Drives one model through conversations; not thread-safe except `stop()`."""
 
-    def __init__(self, model, clock: Callable[[], float] = time.perf_counter, date_string: str | None = None):
+    def __init__(self, model, clock: Callable[[], float] = time.perf_counter, date_string: str | None = None,
+                 decoder=None):
+        """`decoder`: where answers are decoded when not by the model alone, one at a time: a ParallelDecoder
+        over it (assistant/runtime/parallel.py), which decodes several conversations' answers together."""
         self.model = model
+        self.source = decoder if decoder is not None else model
         self.clock = clock
         self.date_string = date_string
         source = model.chat_template
@@ -302,10 +306,14 @@ class ChatEngine:
                 reply.prompt_seconds = self.clock() - start
             tokens.append(token)
 
+        def evaluated(count: int) -> None:
+            reply.evaluated_tokens = count
+
         ended = False                                   # by itself, not stopped
+        stream = self.source.generate(ids, image=image, max_tokens=max_tokens, on_token=keep, on_evaluated=evaluated,
+                                      **sampling.generate_args())
         try:
-            for piece in self.model.generate(ids, image=image, max_tokens=max_tokens, on_token=keep,
-                                             **sampling.generate_args()):
+            for piece in stream:
                 reply.text += piece
                 yield piece
                 if self._stop.is_set():
@@ -313,7 +321,7 @@ class ChatEngine:
             else:
                 ended = True
         finally:
-            reply.evaluated_tokens = self.model.prompt_tokens_evaluated
+            stream.close()                              # its own end first: it reports what was evaluated
             if not ended:
                 reply.status, reply.done_reason = "stopped", "stopped"
             elif len(tokens) >= max_tokens or len(ids) + len(tokens) >= self.model.n_ctx:

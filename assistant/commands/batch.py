@@ -11,12 +11,15 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from assistant.chat.engine import ChatEngine, Conversation, Sampling
+from assistant import store
 from assistant.commands import common
 from assistant.images import ImageError, load_image
 from models.errors import LvaError
@@ -33,6 +36,7 @@ def add_parser(commands) -> None:
     parser.add_argument("input", type=Path, help="questions, one JSON object per line")
     parser.add_argument("--out", type=Path, required=True, help="answers, appended one JSON object per line")
     common.add_model_options(parser)
+    common.add_parallel_option(parser, "questions answered together")
     parser.set_defaults(run=run)
 
 
@@ -86,31 +90,29 @@ def append_record(out, record: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from assistant.runtime.parallel import ParallelDecoder
+
     questions = read_questions(args.input)
     done = done_ids(args.out)
     todo = [q for q in questions if q.id not in done]
     by_image: dict[str | None, list[Question]] = {}
     for q in todo:
         by_image.setdefault(q.fields.get("image"), []).append(q)
-    model = common.load(args)
-    engine = ChatEngine(model)
+    text = store.resolve_model(args.model)
+    parallel = common.parallel_from(args, text)
+    model = common.load(args, text)
+    decoder = ParallelDecoder(model, parallel, args.ctx)
+    engine = ChatEngine(model, decoder=decoder)
+    stopping, written = threading.Event(), threading.Lock()
+    scheduler = threading.Thread(target=decoder.run, args=(stopping,), name="lva-decoder", daemon=True)
+    scheduler.start()
     base = common.sampling_from(args)
-    with args.out.open("a", encoding="utf-8") as out, tqdm(total=len(todo), unit="q", file=sys.stderr) as bar:
-        for image, group in by_image.items():
-            image_path = Path(image).expanduser() if image else None
-            image_error = None
-            if image_path is not None:
-                try:
-                    load_image(image_path)
-                    before = model.images_encoded
-                    model.encode_image(image_path)
-                    if args.verbose and model.images_encoded > before:
-                        tqdm.write(f"lva: encoded {image_path}", file=sys.stderr)
-                except ImageError as exc:
-                    image_error = str(exc)
-            for q in group:
+    try:
+        with args.out.open("a", encoding="utf-8") as out, tqdm(total=len(todo), unit="q", file=sys.stderr) as bar, \
+                ThreadPoolExecutor(parallel) as pool:
+
+            def finish(q: Question, image_path: Path | None, error: str | None) -> None:
                 record = {"id": q.id}
-                error = q.error or image_error
                 if error is None:
                     try:
                         record.update(answer(engine, q, image_path, base))
@@ -119,9 +121,30 @@ def run(args: argparse.Namespace) -> int:
                 if error is not None:
                     record.update(response=None, prompt_tokens=0, completion_tokens=0, seconds=0.0, done_reason=None,
                                   error=error)
-                append_record(out, record)
-                bar.update(1)
-    model.close()
+                with written:
+                    append_record(out, record)
+                    bar.update(1)
+
+            running = []
+            for image, group in by_image.items():     # an image's questions together: it is encoded once
+                image_path = Path(image).expanduser() if image else None
+                image_error = None
+                if image_path is not None:
+                    try:
+                        load_image(image_path)
+                    except ImageError as exc:
+                        image_error = str(exc)
+                running += [pool.submit(finish, q, image_path, q.error or image_error) for q in group]
+            for future in running:
+                future.result()                        # a bug in a question's thread ends the run here
+        if args.verbose:
+            print(f"lva: {model.images_encoded} images encoded", file=sys.stderr)
+    finally:
+        stopping.set()
+        decoder.wake()
+        scheduler.join()
+        decoder.close()
+        model.close()
     return 0
 
 

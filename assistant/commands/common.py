@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,41 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT]",
                         help="also run on the devices of these ggml RPC servers (`lva rpc-server` on another "
                              "machine); no authentication: use only on a network you trust")
+
+
+def add_parallel_option(parser: argparse.ArgumentParser, what: str, honour: str | None = None) -> None:
+    from assistant.runtime.capacity import DEFAULT_PARALLEL
+
+    also = f"; ${honour} is read when --parallel is not given" if honour else ""
+    parser.add_argument("--parallel", type=int, metavar="N",
+                        help=f"{what}, decoded in one batch per step, each in its own --ctx (default: "
+                             f"{DEFAULT_PARALLEL}, or fewer if {DEFAULT_PARALLEL} sequences of --ctx tokens do not "
+                             f"fit in free memory{also})")
+
+
+def parallel_from(args: argparse.Namespace, text: Path | None, environment: str | None = None) -> int:
+    """--parallel (or the environment variable), checked against free memory before anything loads: one line
+    when N sequences of --ctx tokens do not fit."""
+    from assistant.runtime.capacity import DEFAULT_PARALLEL, sequences_that_fit
+    from assistant.runtime.errors import ModelError
+
+    wanted = args.parallel
+    if wanted is None and environment and os.environ.get(environment, "").strip():
+        try:
+            wanted = int(os.environ[environment]) or None          # 0: Ollama's "choose for me"
+        except ValueError:
+            raise ModelError(f"${environment}={os.environ[environment]} is not a number") from None
+    if text is None:
+        if wanted is not None and wanted < 1:
+            raise ModelError(f"--parallel must be at least 1 (got {wanted})")
+        return wanted or DEFAULT_PARALLEL
+    from gguf import LlamaFileType
+
+    from models.file_type import read_file_type
+
+    files = [text] + [f for f in [store.find_vision_file(text)] if f is not None]
+    bytes_per_value = 4 if read_file_type(text) == LlamaFileType.ALL_F32 else 2     # the KV cache follows the weights
+    return sequences_that_fit(files, args.ctx, wanted, bytes_per_value)
 
 
 def device_options(args: argparse.Namespace) -> dict:

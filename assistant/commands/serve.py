@@ -22,8 +22,9 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "serve", help="serve Ollama's and OpenAI's APIs to local apps (Open WebUI, ollama-python, openai, ...)",
         description="Serve Ollama's API (/api/chat, /api/generate, /api/tags, ...) and OpenAI's "
-                    "(/v1/chat/completions, /v1/models) on one port, images included. Requests wait in one queue "
-                    "in front of one model; nothing goes to the history. Example: lva serve --model llama-vision-11b",
+                    "(/v1/chat/completions, /v1/models) on one port, images included. Up to --parallel requests are "
+                    "answered together (decoded in one batch), the others wait in one queue in front of one model; "
+                    "nothing goes to the history. Example: lva serve --model llama-vision-11b --parallel 4",
         epilog="The sampling options are defaults for requests that do not set them. Without --max-tokens an "
                "answer runs to its end or to a full context. The API key can also come from $LVA_API_KEY.")
     parser.add_argument("--host", default="127.0.0.1",
@@ -32,6 +33,7 @@ def add_parser(commands) -> None:
                         help=f"port (default {DEFAULT_PORT}, Ollama's; 0 picks a free one)")
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every request")
     common.add_model_options(parser)
+    common.add_parallel_option(parser, "requests answered together", honour="OLLAMA_NUM_PARALLEL")
     parser.set_defaults(run=run, max_tokens=None)
 
 
@@ -43,18 +45,21 @@ def run(args: argparse.Namespace) -> int:
     from assistant.server.worker import Job, ModelWorker, Work
 
     catalog = Catalog(args.model)                    # an unknown --model fails here, before the port is taken
+    served = catalog.find(catalog.default) if catalog.default is not None else None
+    parallel = common.parallel_from(args, served.text if served else None, "OLLAMA_NUM_PARALLEL")
     api_key = args.api_key or os.environ.get("LVA_API_KEY") or None
     sock = listen(args.host, args.port)
-    worker = ModelWorker(lambda text: common.load(args, text), n_ctx=args.ctx, log=log_to_stderr)
+    worker = ModelWorker(lambda text: common.load(args, text), n_ctx=args.ctx, log=log_to_stderr, parallel=parallel)
     worker.start()
-    if catalog.default is not None:                  # load it now; requests wait behind the load
-        worker.submit(Job(Work(catalog.find(catalog.default), None), loop=None))
+    if served is not None:                           # load it now; requests wait behind the load
+        worker.submit(Job(Work(served, None), loop=None))
     app = create_app(Server(worker, catalog, common.sampling_from(args), api_key))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     default = f"default model {catalog.default}" if catalog.default else "no default model: requests name one"
     print(f"lva serve: listening on http://{shown}:{port} (Ollama's API under /api, OpenAI's under /v1); {default}"
-          f"{'; API key required' if api_key else ''}", file=sys.stderr, flush=True)
+          f"; {parallel} answer{'s' if parallel > 1 else ''} at a time{'; API key required' if api_key else ''}",
+          file=sys.stderr, flush=True)
     if not common.is_loopback(args.host) and api_key is None:
         print(f"lva serve: warning: listening on {args.host} without --api-key: anyone who can reach this machine "
               "can use the model", file=sys.stderr, flush=True)

@@ -21,7 +21,10 @@ GIB = 2**30
 
 def kv_bytes_per_token(text_gguf: Path, bytes_per_value: int = 2) -> int:
     """K and V of every layer for one token, read from the text file's header."""
-    fields = GGUFReader(text_gguf).fields
+    try:
+        fields = GGUFReader(text_gguf).fields
+    except (ValueError, OSError, IndexError, KeyError) as exc:      # what gguf-py raises for a file it cannot read
+        raise ModelError(f"{text_gguf.name} is not a readable GGUF file ({exc})") from None
 
     def value(key: str) -> int:
         field = fields.get(f"llama.{key}")

@@ -512,23 +512,30 @@ class MllamaModel:
 
     def generate(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
                  stop: Sequence[str] = (), on_token: Callable[[int], None] | None = None,
-                 **sampling) -> Iterator[str]:
+                 on_evaluated: Callable[[int], None] | None = None, **sampling) -> Iterator[str]:
         """Text pieces as they are sampled; a piece never splits a UTF-8 character or shows part of a stop string.
 
-        `on_token` sees every sampled id (the end-of-turn token excepted), for callers that keep the ids.
+        `on_token` sees every sampled id (the end-of-turn token excepted), for callers that keep the ids;
+        `on_evaluated` how many prompt ids were evaluated (what the KV cache did not already hold).
         """
         pieces = TextPieces(self.token_bytes, stop)
-        for token in self.generate_tokens(token_ids, image, max_tokens=max_tokens, **sampling):
-            if on_token:
-                on_token(token)
-            piece = pieces.push(token)
-            if piece:
-                yield piece
-            if pieces.stopped:
-                return
-        rest = pieces.finish()
-        if rest:
-            yield rest
+        tokens = self.generate_tokens(token_ids, image, max_tokens=max_tokens, **sampling)
+        try:
+            for token in tokens:
+                if on_token:
+                    on_token(token)
+                piece = pieces.push(token)
+                if piece:
+                    yield piece
+                if pieces.stopped:
+                    return
+            rest = pieces.finish()
+            if rest:
+                yield rest
+        finally:
+            tokens.close()
+            if on_evaluated:
+                on_evaluated(self.prompt_tokens_evaluated)
 
     def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
                  repeat_last_n: int, seed: int | None, grammar: str | None = None):

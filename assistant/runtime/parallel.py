@@ -23,13 +23,14 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Generator, Iterator
+from typing import Callable, Generator, Iterator, Sequence
 
 import llama_cpp
 
 from assistant.images import ImageSource
 from assistant.runtime.errors import ModelError
 from assistant.runtime.model import MllamaModel, SamplingParams, reusable_prefix
+from assistant.runtime.pieces import TextPieces
 
 PREFILL_BESIDE_DECODE = 256          # prompt rows per step while other slots decode (their token latency)
 
@@ -95,6 +96,7 @@ class Slot:
     generated: int = 0
     sampler: object | None = None
     encoding: Generator | None = None                  # an image encode in progress: its stages
+    ending: str | None = None                          # why it ends once `last` is evaluated (kept, as alone)
 
     @property
     def free(self) -> bool:
@@ -120,11 +122,50 @@ class ParallelDecoder:
         self._wake.set()
         return answer
 
+    def generate(self, token_ids: Sequence[int], image: ImageSource | None = None, max_tokens: int = 512,
+                 stop: Sequence[str] = (), on_token: Callable[[int], None] | None = None,
+                 on_evaluated: Callable[[int], None] | None = None, stop_at_end_of_turn: bool = True,
+                 **sampling) -> Iterator[str]:
+        """`MllamaModel.generate` through a slot: text pieces as the scheduler's thread samples them (this
+        thread waits for them). Closing the generator early cancels the answer, freeing its slot."""
+        request = Request(list(token_ids), image, SamplingParams(**sampling), max_tokens, stop_at_end_of_turn)
+        answer = self.submit(request)
+        pieces = TextPieces(self.model.token_bytes, stop)
+        try:
+            for token in answer.tokens():
+                if on_token:
+                    on_token(token)
+                piece = pieces.push(token)
+                if piece:
+                    yield piece
+                if pieces.stopped:
+                    return
+            rest = pieces.finish()
+            if rest:
+                yield rest
+        finally:
+            answer.cancel()                          # a no-op once it has ended
+            if on_evaluated:
+                on_evaluated(answer.prompt_tokens_evaluated)
+
+    def run(self, stopping: threading.Event, idle: Callable[[], None] | None = None) -> None:
+        """Step until `stopping` is set (a scheduler thread's body); `idle()` is called when there is nothing
+        to do, before waiting for a request."""
+        while not stopping.is_set():
+            if not self.step():
+                if idle:
+                    idle()
+                self.wait_for_work(0.5)
+
     def wait_for_work(self, timeout: float | None = None) -> None:
         """Block until a request arrives (or `timeout`), when no slot is busy."""
         if self.busy == 0 and self._waiting.empty():
             self._wake.wait(timeout)
         self._wake.clear()
+
+    def wake(self) -> None:
+        """Make a waiting `wait_for_work` return (another thread has something for the scheduler's thread)."""
+        self._wake.set()
 
     @property
     def busy(self) -> int:
@@ -225,7 +266,9 @@ class ParallelDecoder:
             slot.cached += ids
             if slot.pending:
                 slot.pending = slot.pending[len(ids):]
-            if logits:
+            if slot.ending is not None:
+                self._finish(slot, slot.ending)
+            elif logits:
                 self._sampled(slot, self.model.sample(slot.sampler, self._ctx, index))
 
     def _sampled(self, slot: Slot, token: int) -> None:
@@ -236,10 +279,12 @@ class ParallelDecoder:
             return
         answer.events.put(token)
         slot.generated += 1
-        if slot.generated >= request.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
-            self._finish(slot, "length")
-        else:
-            slot.last = token
+        if len(slot.cached) + 1 >= self.n_ctx:
+            self._finish(slot, "length")                 # no room for it: it stays out of the KV cache
+            return
+        slot.last = token
+        if slot.generated >= request.max_tokens:
+            slot.ending = "length"                       # evaluated first, so a next turn finds it in the cache
 
     def _retire_cancelled(self) -> None:
         for slot in self.slots:
@@ -266,6 +311,7 @@ class ParallelDecoder:
         if slot.sampler is not None:
             llama_cpp.llama_sampler_free(slot.sampler)
         slot.answer, slot.sampler, slot.encoding, slot.last, slot.pending = None, None, None, None, []
+        slot.ending = None
 
     def close(self) -> None:
         for slot in self.slots:

@@ -283,9 +283,12 @@ def show(catalog: Catalog, body: ShowRequest, defaults: Sampling, n_ctx: int) ->
 
 
 def running(worker: ModelWorker) -> dict:
-    model = worker.loaded
-    if model is None:
+    """The loaded model, as Ollama lists it, and lva's own field `slots`: answers decoded together at most
+    (--parallel) and now."""
+    model, expires_at = worker.loaded, worker.expires_at
+    if model is None or (expires_at is not None and expires_at <= time.time()):   # expired: unloading
         return {"models": []}
     forever = 253402300799.0                                # 9999-12-31: no expiry
-    return {"models": [{**_entry(model), "expires_at": rfc3339(worker.expires_at or forever), "size_vram": 0,
-                        "context_length": worker.context_length}]}
+    return {"models": [{**_entry(model), "expires_at": rfc3339(expires_at or forever), "size_vram": 0,
+                        "context_length": worker.context_length,
+                        "slots": {"total": worker.parallel, "in_use": worker.slots_in_use}}]}

@@ -204,15 +204,17 @@ def test_a_client_leaving_mid_stream_stops_the_answer_and_frees_the_server(serve
     assert_still_serves(server)
 
 
-def test_a_queued_request_whose_client_left_is_dropped(server: LvaServer) -> None:
+def test_a_queued_request_whose_client_left_is_dropped(home: Path) -> None:
+    """With every slot busy (one here), a request waits in the queue; its client gives up, and it is dropped."""
     long_chat = {"model": "tiny-a", "messages": [{"role": "user", "content": "Go on and on."}], **LONG}
-    with httpx.stream("POST", f"{server.url}/api/chat", json=long_chat, timeout=60) as running:
-        lines = running.iter_lines()                   # kept: a dropped iterator closes the connection
-        next(lines)                                    # the worker is busy with this answer
-        with pytest.raises(httpx.ReadTimeout):         # this one waits in the queue; its client gives up
-            httpx.post(f"{server.url}/api/chat", json={**chat(USER), "stream": False}, timeout=1.0)
-    server.wait_for_log(r"POST /api/chat 499 dropped: the client left while it waited")
-    assert_still_serves(server)
+    with LvaServer(home, "--model", "tiny-a", "--parallel", "1") as server:
+        with httpx.stream("POST", f"{server.url}/api/chat", json=long_chat, timeout=60) as running:
+            lines = running.iter_lines()                   # kept: a dropped iterator closes the connection
+            next(lines)                                    # the only slot is busy with this answer
+            with pytest.raises(httpx.ReadTimeout):         # this one waits in the queue; its client gives up
+                httpx.post(f"{server.url}/api/chat", json={**chat(USER), "stream": False}, timeout=1.0)
+        server.wait_for_log(r"POST /api/chat 499 dropped: the client left while it waited")
+        assert_still_serves(server)
 
 
 def test_an_api_key_is_required_when_set(home: Path) -> None:
