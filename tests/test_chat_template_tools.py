@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from assistant import load_model
-from assistant.chat.template import ChatMessage, ChatTemplate, ToolCall
+from assistant.chat.template import TemplateMessage, ChatTemplate, ToolCall
 from convert.pipeline import convert
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,14 +30,14 @@ def model(tmp_path_factory: pytest.TempPathFactory):
     m.close()
 
 
-def chat_message(message: dict) -> ChatMessage:
+def chat_message(message: dict) -> TemplateMessage:
     """An HF-style message dict as lva's template input."""
     content = message.get("content", "")
     calls = tuple(ToolCall(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", []))
     if isinstance(content, str):
-        return ChatMessage(message["role"], content, tool_calls=calls)
+        return TemplateMessage(message["role"], content, tool_calls=calls)
     text = "".join(part["text"] for part in content if part["type"] == "text")
-    return ChatMessage(message["role"], text, has_image=any(part["type"] == "image" for part in content),
+    return TemplateMessage(message["role"], text, has_image=any(part["type"] == "image" for part in content),
                        tool_calls=calls)
 
 
