@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import llama_cpp
 import numpy as np
@@ -24,8 +23,9 @@ from assistant.runtime.devices import offload_devices
 from assistant.runtime.errors import ModelError
 from assistant.runtime.hook import Batch, CrossAttentionHook
 from assistant.runtime.image_store import FeatureStore, ImageStore
-from assistant.runtime.pieces import TextPieces
+from assistant.runtime.pieces import text_of
 from assistant.runtime.placement import Placement
+from assistant.runtime.sampling import SamplingParams, sampler_chain
 from assistant.runtime.vision_file import VisionFile
 from assistant.store import find_vision_file
 from models import ggml, rpc
@@ -41,22 +41,6 @@ IMAGE_TOKEN = "<|image|>"
 KV_CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 ALL_LAYERS = -1                                   # llama.cpp's n_gpu_layers for "offload everything"
 SOLO = 0                                          # the sequence of the one-at-a-time API
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """llama.cpp's samplers for one answer (temperature <= 0: greedy). `grammar` (GBNF, root rule `root`)
-    constrains what may be sampled, e.g. to JSON; the end of the turn is then allowed only where the
-    grammar is complete."""
-
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-    grammar: str | None = None
 
 
 class MllamaModel:
@@ -317,6 +301,15 @@ class MllamaModel:
 
     # ------------------------------------------------------------------------------------------ contexts and batches
 
+    @property
+    def has_context(self) -> bool:
+        """Whether the one-sequence context exists yet (it is created at the first prompt)."""
+        return self._ctx is not None
+
+    def forget_context(self) -> None:
+        """The next prompt is evaluated from position 0, as a new conversation's, in the same context."""
+        self._ctx_tokens, self._ctx_image = [], None
+
     def set_context_length(self, n_ctx: int) -> None:
         """Decode in contexts of `n_ctx` tokens from now on. A change drops the kept context, so the next
         prompt is evaluated whole; the weights and encoded images stay."""
@@ -415,8 +408,7 @@ class MllamaModel:
 
     def new_sampler(self, params: SamplingParams):
         """A llama.cpp sampler chain; the caller frees it (llama_sampler_free)."""
-        return self._sampler(params.temperature, params.top_p, params.top_k, params.min_p, params.repeat_penalty,
-                             params.repeat_last_n, params.seed, params.grammar)
+        return sampler_chain(self.vocab, self.n_vocab, params)
 
     def sample(self, sampler, ctx, index: int) -> int:
         """The next id from batch row `index`'s logits (the sampler accepts it)."""
@@ -489,7 +481,7 @@ class MllamaModel:
                         temperature: float = 0.6, top_p: float = 0.9, top_k: int = 40, min_p: float = 0.05,
                         repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: int | None = None,
                         grammar: str | None = None, stop_at_end_of_turn: bool = True,
-                        progress: Progress | None = None) -> Iterator[int]:
+                        progress: Progress | None = None) -> Generator[int, None, None]:
         """Sampled token ids, one at a time, with llama.cpp's samplers (`SamplingParams`)."""
         if not token_ids:
             raise ModelError("the prompt is empty")
@@ -518,46 +510,13 @@ class MllamaModel:
         `on_token` sees every sampled id (the end-of-turn token excepted), for callers that keep the ids;
         `on_evaluated` how many prompt ids were evaluated (what the KV cache did not already hold).
         """
-        pieces = TextPieces(self.token_bytes, stop)
         tokens = self.generate_tokens(token_ids, image, max_tokens=max_tokens, **sampling)
         try:
-            for token in tokens:
-                if on_token:
-                    on_token(token)
-                piece = pieces.push(token)
-                if piece:
-                    yield piece
-                if pieces.stopped:
-                    return
-            rest = pieces.finish()
-            if rest:
-                yield rest
+            yield from text_of(tokens, self.token_bytes, stop, on_token)
         finally:
             tokens.close()
             if on_evaluated:
                 on_evaluated(self.prompt_tokens_evaluated)
-
-    def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
-                 repeat_last_n: int, seed: int | None, grammar: str | None = None):
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        if grammar is not None:
-            constraint = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-            if not constraint:
-                llama_cpp.llama_sampler_free(chain)
-                raise ModelError("the grammar does not parse (llama.cpp refused it)")
-            add(constraint)
-        if repeat_penalty != 1.0:
-            add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
-        if temperature <= 0:
-            add(llama_cpp.llama_sampler_init_greedy())
-            return chain
-        add(llama_cpp.llama_sampler_init_top_k(top_k))
-        add(llama_cpp.llama_sampler_init_top_p(top_p, 1))
-        add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
-        add(llama_cpp.llama_sampler_init_temp(temperature))
-        add(llama_cpp.llama_sampler_init_dist(seed if seed is not None else 0xFFFFFFFF))
-        return chain
 
     def close(self) -> None:
         if self._ctx is not None:
