@@ -95,30 +95,21 @@ class HookTimer:
 def install_hook_timer(model) -> HookTimer:
     """Time the cb_eval callback and, inside it, the ggml runs of the cross-layer graphs.
 
-    The ctypes callback object is built in CrossAttentionHook.__init__ from the bound method, so it is
-    rebuilt around a timing wrapper; contexts pick it up when they are created, lazily, on first use.
+    The hook's callback is routed through a timing wrapper; contexts take it when they are created,
+    lazily, on first use.
     The hook runs its cross-layer graphs through `ggml.Scratch.run`, which is wrapped for the whole
     class: while decoding with an already encoded image nothing else runs graphs, so that time is the
     cross layers' arithmetic (real work), and the rest of the callback's time is Python bookkeeping
     (the overhead). The ctypes transitions into and out of the callback are outside both timers; the
     text-only row against stock llama.cpp shows their cost.
     """
-    if model._ctx is not None:
+    if model.has_context:
         raise RuntimeError("the hook timer must be installed before the runtime creates its llama.cpp context")
-    callback = CallbackTimer(model.hook._on_node)
-    model.hook.callback = llama_cpp.ggml_backend_sched_eval_callback(callback)
+    callback = CallbackTimer(model.hook.on_node)
+    model.hook.route_callback(callback)
     graphs = CallbackTimer(ggml.Scratch.run)
     ggml.Scratch.run = lambda scratch, graph, inputs=None: graphs(scratch, graph, inputs)
     return HookTimer(callback, graphs)
-
-
-def forget_context(model) -> None:
-    """Make the next prompt evaluate from position 0, as a new conversation would.
-
-    The runtime keeps its llama.cpp context and reuses the longest prefix it already holds; with no
-    tokens recorded, it clears the KV cache and evaluates the whole prompt, in the same context.
-    """
-    model._ctx_tokens = []
 
 
 def runtime_once(model, timer: HookTimer, label: str, ids: list[int], image, decode_tokens: int) -> Rate:
@@ -128,7 +119,7 @@ def runtime_once(model, timer: HookTimer, label: str, ids: list[int], image, dec
     next; the generator's last step evaluates the last token before stopping, so `decode_tokens + 1`
     tokens asked for make `decode_tokens + 1` evaluations after the prompt, which is the count used.
     """
-    forget_context(model)
+    model.forget_context()
     tokens = model.generate_tokens(ids, image=image, max_tokens=decode_tokens + 1, temperature=0,
                                    stop_at_end_of_turn=False)
     started = time.perf_counter()

@@ -43,7 +43,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import llama_cpp  # noqa: E402
 
 from assistant import load_model  # noqa: E402
 from assistant.runtime.devices import build, offload_devices  # noqa: E402
@@ -83,7 +82,7 @@ class Timers:
     process-wide; the runs never overlap, so one set serves both models. Each callback has its own timer."""
 
     crossings: list[Timer]
-    callbacks: dict[str, Timer] = field(default_factory=dict)
+    callbacks: dict[str, CallbackTimer] = field(default_factory=dict)
 
     @classmethod
     def install(cls) -> Timers:
@@ -91,8 +90,9 @@ class Timers:
 
     def watch(self, label: str, model) -> None:
         """Time a model's callback; before its llama.cpp context exists, which takes the callback then."""
-        self.callbacks[label] = Timer(model.hook, "_on_node")
-        model.hook.callback = llama_cpp.ggml_backend_sched_eval_callback(model.hook._on_node)
+        timer = CallbackTimer(model.hook.on_node)
+        model.hook.route_callback(timer)
+        self.callbacks[label] = timer
 
     def reset(self) -> None:
         for timer in (*self.crossings, *self.callbacks.values()):
@@ -227,7 +227,7 @@ def once(model, timers: Timers, label: str, step: Step, image, decode_tokens: in
 
 def decode_seconds(model, ids: list[int], image, decode_tokens: int, after_prefill: Callable[[], None]) -> float:
     """Seconds per decoded token: the prompt evaluated from scratch, then `decode_tokens + 1` evaluations."""
-    model._ctx_tokens = []                             # a new conversation in the same context
+    model.forget_context()
     tokens = model.generate_tokens(ids, image=image, max_tokens=decode_tokens + 1, temperature=0,
                                    stop_at_end_of_turn=False)
     next(tokens)

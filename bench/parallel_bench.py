@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from assistant import load_model  # noqa: E402
-from assistant.runtime.model import SamplingParams  # noqa: E402
+from assistant.runtime.sampling import SamplingParams  # noqa: E402
 from assistant.runtime.parallel import ParallelDecoder, Request  # noqa: E402
 from first_answer_bench import prepare  # noqa: E402
 from report import machine, write_section  # noqa: E402

@@ -16,7 +16,7 @@ import pytest
 
 from assistant import load_model
 from assistant.runtime.errors import ModelError
-from assistant.runtime.model import SamplingParams
+from assistant.runtime.sampling import SamplingParams
 from assistant.runtime.parallel import AnswerHandle, ParallelDecoder, Request
 from convert.pipeline import convert
 from models.errors import LvaError

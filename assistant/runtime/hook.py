@@ -17,6 +17,7 @@ keeps only the rows that produce logits (llama.cpp's `inp_out_ids`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import llama_cpp
 import numpy as np
@@ -98,7 +99,7 @@ class CrossAttentionHook:
         self.error: Exception | None = None
         # Graphs of a few rows (decoding), kept per point and shape: built once, run every step.
         self.decode_graphs: dict[tuple, tuple[Graph, int, int, ggml.Scratch]] = {}
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self.on_node)
 
     def bind(self, sequence: int, image: ImageKV | None, image_start: int | None = None) -> None:
         """The image `sequence` sees from position `image_start` on (None: a text-only sequence)."""
@@ -127,7 +128,13 @@ class CrossAttentionHook:
                            for s in sequences.tolist()], dtype=np.int64)
         return positions >= starts
 
-    def _on_node(self, tensor: int, ask: bool, _user_data) -> bool:
+    def route_callback(self, on_node: Callable[[int, bool, Any], bool]) -> None:
+        """Have llama.cpp call `on_node` in place of `self.on_node` (a benchmark wraps it to time it). A context
+        takes the callback when it is created, so this serves only before the model's first context."""
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(on_node)
+
+    def on_node(self, tensor: int, ask: bool, _user_data) -> bool:
+        """llama.cpp's eval callback: asked which nodes we want, then handed each one once computed."""
         if not self.active:
             return not ask
         name = ggml.name_of(tensor)

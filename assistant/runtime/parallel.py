@@ -29,8 +29,9 @@ import llama_cpp
 
 from assistant.images import ImageSource
 from assistant.runtime.errors import ModelError
-from assistant.runtime.model import MllamaModel, SamplingParams, reusable_prefix
-from assistant.runtime.pieces import TextPieces
+from assistant.runtime.model import MllamaModel, reusable_prefix
+from assistant.runtime.sampling import SamplingParams
+from assistant.runtime.pieces import text_of
 
 PREFILL_BESIDE_DECODE = 256          # prompt rows per step while other slots decode (their token latency)
 
@@ -130,19 +131,8 @@ class ParallelDecoder:
         thread waits for them). Closing the generator early cancels the answer, freeing its slot."""
         request = Request(list(token_ids), image, SamplingParams(**sampling), max_tokens, stop_at_end_of_turn)
         answer = self.submit(request)
-        pieces = TextPieces(self.model.token_bytes, stop)
         try:
-            for token in answer.tokens():
-                if on_token:
-                    on_token(token)
-                piece = pieces.push(token)
-                if piece:
-                    yield piece
-                if pieces.stopped:
-                    return
-            rest = pieces.finish()
-            if rest:
-                yield rest
+            yield from text_of(answer.tokens(), self.model.token_bytes, stop, on_token)
         finally:
             answer.cancel()                          # a no-op once it has ended
             if on_evaluated:

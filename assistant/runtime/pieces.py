@@ -4,7 +4,7 @@ string (a piece that could be the start of one is held back until the next token
 from __future__ import annotations
 
 import codecs
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 
 class TextPieces:
@@ -34,6 +34,23 @@ class TextPieces:
             return ""
         shown, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
         return shown
+
+
+def text_of(tokens: Iterable[int], token_bytes: Callable[[int], bytes], stop: Sequence[str] = (),
+            on_token: Callable[[int], None] | None = None) -> Iterator[str]:
+    """The pieces of an answer's text as its ids come, up to the first stop string; `on_token` sees each id."""
+    pieces = TextPieces(token_bytes, stop)
+    for token in tokens:
+        if on_token:
+            on_token(token)
+        piece = pieces.push(token)
+        if piece:
+            yield piece
+        if pieces.stopped:
+            return
+    rest = pieces.finish()
+    if rest:
+        yield rest
 
 
 def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
