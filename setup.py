@@ -15,6 +15,6 @@ WARNINGS = ["-Wall", "-Wextra", "-Wshadow", "-Wmissing-prototypes"]
 
 setup(ext_modules=[
     Extension("models.kernels._cpu", [f"models/kernels/{name}.c" for name in KERNELS], optional=True,
-              depends=["models/kernels/lva.h", "models/kernels/simd.h", "models/kernels/tile.h"],
+              depends=[f"models/kernels/{header}" for header in ("lva.h", "simd.h", "simd_sections.h", "tile.h")],
               extra_compile_args=["-O3", "-std=c11", *WARNINGS, *os.environ.get("LVA_KERNEL_CFLAGS", "").split()]),
 ])

@@ -202,14 +202,9 @@ static void reference_attend(const struct problem *p, int64_t h, int64_t first, 
 static const struct path reference_path = {1, reference_scratch_bytes, reference_pack_head, reference_attend};
 
 static const struct path *path_for(int arithmetic, int isa) {
-    const struct path *path = NULL;
-#ifdef LVA_X86
-    if (isa == LVA_AVX2) path = attention_path_avx2(arithmetic);
-    if (isa == LVA_AVX512 || isa == LVA_AVX512_BF16) path = attention_path_avx512(arithmetic);
-    if (arithmetic == LVA_BF16 && isa != LVA_AVX512_BF16) path = NULL;     /* dot products of BF16 pairs */
-#endif
-    if (isa == LVA_REFERENCE && arithmetic == LVA_F32) path = &reference_path;
-    return path;
+    const struct path *(*paths)(int) = LVA_FOR_ISA(isa, attention_path, NULL);
+    if (paths) return arithmetic == LVA_BF16 && isa != LVA_AVX512_BF16 ? NULL : paths(arithmetic); /* BF16 pairs */
+    return isa == LVA_REFERENCE && arithmetic == LVA_F32 ? &reference_path : NULL;
 }
 
 /* Whether this build has a path for the arithmetic on the instruction set (the CPU's support aside). */

@@ -71,11 +71,7 @@ void lva_cross_attention(struct ggml_tensor *dst, int ith, int nth, void *userda
     const struct lva_cross_params *params = userdata;
     const struct ggml_tensor *q = dst->src[0], *key = dst->src[1], *value_t = dst->src[2];
     const int64_t hd = q->ne[0], n_q = q->ne[1], heads = q->ne[2], tokens = key->ne[1];
-    void (*attend)(const struct cross *) = cross_attention_reference;
-#ifdef LVA_X86
-    if (params->isa == LVA_AVX2) attend = cross_attention_avx2;
-    if (params->isa == LVA_AVX512 || params->isa == LVA_AVX512_BF16) attend = cross_attention_avx512;
-#endif
+    void (*attend)(const struct cross *) = LVA_FOR_ISA(params->isa, cross_attention, cross_attention_reference);
     float *scores = NULL;
     for (int64_t h = heads * ith / nth; h < heads * (ith + 1) / nth; h++) {
         if (!scores) scores = lva_scratch((size_t)(n_q * tokens) * sizeof(float));
@@ -115,20 +111,30 @@ static float softmax_row(float *p, int64_t n) {
     return 1.0f / (sum + vf32_hsum(vsum));
 }
 
-/* Queries go four at a time, their accumulators in registers; a last group of fewer repeats its last
- * query (computed, not stored). */
+/* rows[j] = row i0 + j of an F32 matrix, the last row standing in past its end (computed, not stored). */
+static inline void four_rows(const float *rows[4], const float *matrix, int64_t i0, int64_t count, int64_t stride) {
+    for (int j = 0; j < 4; j++) rows[j] = matrix + min64(i0 + j, count - 1) * stride;
+}
+
+/* acc[j] = lane sums of x * rows[j] over the first `len` values (a multiple of LANES), x in F16. */
+static inline void dot_four(const uint16_t *x, const float *const rows[4], int64_t len, vf32 acc[4]) {
+    for (int j = 0; j < 4; j++) acc[j] = vf32_zero();
+    for (int64_t d = 0; d < len; d += LANES) {
+        const vf32 xs = vf32_load_f16(x + d);
+        for (int j = 0; j < 4; j++) acc[j] = vf32_fma(xs, vf32_load(rows[j] + d), acc[j]);
+    }
+}
+
+/* Queries go four at a time, their accumulators in registers. hd is a multiple of LANES; the tokens'
+ * tail past the last whole vector is summed in scalars. */
 void SIMD(cross_attention)(const struct cross *c) {
-    const int64_t hd = c->hd, n = c->tokens;
+    const int64_t hd = c->hd, n = c->tokens, body = n / LANES * LANES;
+    vf32 acc[4];
     for (int64_t i0 = 0; i0 < c->n_q; i0 += 4) {
         const float *q[4];
-        for (int j = 0; j < 4; j++) q[j] = c->q + min64(i0 + j, c->n_q - 1) * hd;
+        four_rows(q, c->q, i0, c->n_q, hd);
         for (int64_t t = 0; t < n; t++) {
-            const uint16_t *k = c->key + t * c->key_row;
-            vf32 acc[4] = {vf32_zero(), vf32_zero(), vf32_zero(), vf32_zero()};
-            for (int64_t d = 0; d < hd; d += LANES) {
-                const vf32 key = vf32_load_f16(k + d);
-                for (int j = 0; j < 4; j++) acc[j] = vf32_fma(key, vf32_load(q[j] + d), acc[j]);
-            }
+            dot_four(c->key + t * c->key_row, q, hd, acc);
             for (int j = 0; j < 4 && i0 + j < c->n_q; j++) c->p[(i0 + j) * n + t] = vf32_hsum(acc[j]) * c->scale;
         }
     }
@@ -136,18 +142,13 @@ void SIMD(cross_attention)(const struct cross *c) {
     for (int64_t i = 0; i < c->n_q; i++) inverse[i] = softmax_row(c->p + i * n, n);
     for (int64_t i0 = 0; i0 < c->n_q; i0 += 4) {
         const float *p[4];
-        for (int j = 0; j < 4; j++) p[j] = c->p + min64(i0 + j, c->n_q - 1) * n;
+        four_rows(p, c->p, i0, c->n_q, n);
         for (int64_t d = 0; d < hd; d++) {
             const uint16_t *v = c->value_t + d * c->value_row;
-            vf32 acc[4] = {vf32_zero(), vf32_zero(), vf32_zero(), vf32_zero()};
-            int64_t t = 0;
-            for (; t + LANES <= n; t += LANES) {
-                const vf32 value = vf32_load_f16(v + t);
-                for (int j = 0; j < 4; j++) acc[j] = vf32_fma(value, vf32_load(p[j] + t), acc[j]);
-            }
+            dot_four(v, p, body, acc);
             for (int j = 0; j < 4 && i0 + j < c->n_q; j++) {
                 float sum = vf32_hsum(acc[j]);
-                for (int64_t u = t; u < n; u++) sum += p[j][u] * lva_f32_of_f16(v[u]);
+                for (int64_t u = body; u < n; u++) sum += p[j][u] * lva_f32_of_f16(v[u]);
                 c->out[(i0 + j) * hd + d] = sum * inverse[i0 + j];
             }
         }

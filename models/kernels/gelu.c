@@ -46,13 +46,7 @@ void lva_gelu(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
     const struct ggml_tensor *x = dst->src[0], *bias = dst->src[1];
     const int64_t n = x->ne[0], rows = x->ne[1] * x->ne[2] * x->ne[3];
     const int64_t first = rows * ith / nth, end = rows * (ith + 1) / nth;
-    void (*gelu)(const float *, const float *, float *, int64_t) = gelu_reference;
-#ifdef LVA_X86
-    if (isa == LVA_AVX2) gelu = gelu_avx2;
-    if (isa == LVA_AVX512 || isa == LVA_AVX512_BF16) gelu = gelu_avx512;
-#else
-    (void)isa;
-#endif
+    void (*gelu)(const float *, const float *, float *, int64_t) = LVA_FOR_ISA(isa, gelu, gelu_reference);
     for (int64_t r = first; r < end; r++)
         gelu((const float *)x->data + r * n, bias ? bias->data : NULL, (float *)dst->data + r * n, n);
 }

@@ -5,23 +5,8 @@
 #include "lva.h"
 
 #ifdef LVA_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-
+LVA_TARGET_BEGIN("avx2,fma,f16c")
 #define LVA_SIMD_WIDTH 8
-#include "simd.h"
-#include "attention.c"
-#include "cross_attention.c"
-#include "gelu.c"
-#include "products.c"
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "simd_sections.h"
+LVA_TARGET_END
 #endif /* LVA_X86 */

@@ -55,6 +55,27 @@ struct ggml_tensor {
  * VNNI (Cascade Lake, Ice Lake, Zen 4 and later); AVX512_BF16 additionally BF16 dot products. */
 enum lva_isa { LVA_REFERENCE = 0, LVA_AVX2 = 1, LVA_AVX512 = 2, LVA_AVX512_BF16 = 3 };
 
+/* The copy of function `name` compiled for `isa` (name_avx2 or name_avx512, see isa_*.c), or `fallback`
+ * where this build has none: every kernel dispatches this one way. */
+#ifdef LVA_X86
+#define LVA_FOR_ISA(isa, name, fallback) \
+    ((isa) == LVA_AVX2 ? name##_avx2 : ((isa) == LVA_AVX512 || (isa) == LVA_AVX512_BF16) ? name##_avx512 : (fallback))
+#else
+#define LVA_FOR_ISA(isa, name, fallback) ((void)(isa), (fallback))
+#endif
+
+/* What follows LVA_TARGET_BEGIN("avx2,fma,...") is compiled for those instruction sets, up to LVA_TARGET_END
+ * (isa_avx2.c, isa_avx512.c); the rest of the library stays baseline x86-64. */
+#define LVA_PRAGMA(text) _Pragma(#text)
+#if defined(__clang__)
+#define LVA_TARGET_BEGIN(features) \
+    LVA_PRAGMA(clang attribute push(__attribute__((target(features))), apply_to = function))
+#define LVA_TARGET_END LVA_PRAGMA(clang attribute pop)
+#else
+#define LVA_TARGET_BEGIN(features) LVA_PRAGMA(GCC push_options) LVA_PRAGMA(GCC target(features))
+#define LVA_TARGET_END LVA_PRAGMA(GCC pop_options)
+#endif
+
 /* The arithmetic of a kernel (models/kernels/paths.py: Arithmetic). */
 enum lva_arithmetic { LVA_F32 = 0, LVA_INT16 = 1, LVA_INT8 = 2, LVA_BF16 = 3 };
 

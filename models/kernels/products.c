@@ -100,12 +100,7 @@ static float round_block_reference(const float *values, void *q, float largest, 
 }
 
 static round_block_fn round_block_for(int isa) {
-#ifdef LVA_X86
-    if (isa == LVA_AVX2) return round_block_avx2;
-    if (isa == LVA_AVX512 || isa == LVA_AVX512_BF16) return round_block_avx512;
-#endif
-    (void)isa;
-    return round_block_reference;
+    return LVA_FOR_ISA(isa, round_block, round_block_reference);
 }
 
 /* Bytes of a packed k x n matrix. */
@@ -202,13 +197,8 @@ static void f32_product_reference(const struct product *p, int64_t first, int64_
 }
 
 static void f32_run(const struct product *p, int isa, int ith, int nth) {
-    void (*block)(const struct product *, int64_t, int64_t, float *) = f32_product_reference;
-#ifdef LVA_X86
-    if (isa == LVA_AVX2) block = f32_product_avx2;
-    if (isa == LVA_AVX512 || isa == LVA_AVX512_BF16) block = f32_product_avx512;
-#else
-    (void)isa;
-#endif
+    void (*block)(const struct product *, int64_t, int64_t, float *) =
+        LVA_FOR_ISA(isa, f32_product, f32_product_reference);
     float *a = NULL;
     for (int64_t first = ith * TOKEN_BLOCK; first < p->tokens; first += (int64_t)nth * TOKEN_BLOCK) {
         if (!a) a = lva_scratch((size_t)(TOKEN_BLOCK * p->k) * sizeof(float));
@@ -268,12 +258,9 @@ static void gather_columns(const struct product *p, const int64_t *channels, int
 
 static void int_run(const struct product *p, int isa, int ith, int nth) {
     round_block_fn round_block = round_block_for(isa);
-    void (*tile)(const struct product *, const void *, const float *, int64_t, float *) = int_tile_reference;
-    axpy_fn axpy = axpy_reference;
-#ifdef LVA_X86
-    if (isa == LVA_AVX2) tile = int_tile_avx2, axpy = axpy_avx2;
-    if (isa == LVA_AVX512 || isa == LVA_AVX512_BF16) tile = int_tile_avx512, axpy = axpy_avx512;
-#endif
+    void (*tile)(const struct product *, const void *, const float *, int64_t, float *) =
+        LVA_FOR_ISA(isa, int_tile, int_tile_reference);
+    axpy_fn axpy = LVA_FOR_ISA(isa, axpy, axpy_reference);
     const int64_t k = p->k_pad, blocks = k / BLOCK, bytes = value_bytes(p->arithmetic);
     const int split = p->arithmetic == LVA_INT8;
     char *q = NULL;
