@@ -173,7 +173,8 @@ def test_the_same_seed_gives_the_same_answer(server: LvaServer) -> None:
 
     first = answer(7)
     assert first and answer(7) == first
-    assert answer(8) != first
+    # Two seeds may draw the same few tokens from the tiny model (7 and 8 do); four others may not all.
+    assert {answer(seed) for seed in (8, 9, 10, 11)} != {first}
 
 
 def test_four_parallel_requests_give_the_answers_they_give_one_at_a_time(openai_client: openai.OpenAI) -> None:
