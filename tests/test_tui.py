@@ -241,6 +241,25 @@ def test_esc_stops_an_answer_and_keeps_it_marked_stopped():
     run_chat(scenario)
 
 
+def test_quitting_mid_answer_keeps_the_partial_answer_and_closes_cleanly():
+    """The app closes the model only once the answering worker has let go of it (it used to close it under a
+    running decode, which crashed the process)."""
+    kept: dict[str, object] = {}
+
+    async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
+        screen.conversation.sampling = screen.conversation.sampling.__class__(max_tokens=3500)
+        await paste(pilot, str(IMAGE))
+        screen.query_one(PromptInput).text = "describe it at length"          # a long answer, as esc's test
+        await pilot.press("enter")
+        await until(lambda: screen.query(AssistantMessage) and screen.query_one(AssistantMessage).text)
+        kept["conversation"] = screen.conversation_id
+        await pilot.press("ctrl+q")
+
+    run_chat(scenario)
+    answer = History().messages(kept["conversation"])[-1]
+    assert answer.role == "assistant" and answer.status == "stopped" and answer.text
+
+
 def test_conversations_switch_rename_delete_and_search():
     async def scenario(app: LvaApp, pilot, screen: ChatScreen) -> None:
         await send(pilot, "about apples")

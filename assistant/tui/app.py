@@ -6,6 +6,7 @@ settings for new conversations. The model loads in a worker; `ChatScreen` does t
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -116,12 +117,20 @@ class LvaApp(App):
         if self.chat is not None:
             self.chat.update_status()
 
-    def on_unmount(self) -> None:
+    async def on_unmount(self) -> None:
+        """Quitting mid-answer or mid-encode: the worker stops at its next token or stage and lets go of the
+        model before it is closed (closing it under a running decode would crash the process). The loop keeps
+        running meanwhile, so the worker's last calls into the app are answered."""
         if self.engine is not None:
             self.engine.stop()
         self.workers.cancel_all()
-        if self.model is not None:
-            self.model.close()
+        while not self.model_lock.acquire(blocking=False):
+            await asyncio.sleep(0.02)
+        try:
+            if self.model is not None:
+                self.model.close()
+        finally:
+            self.model_lock.release()
         self.history.close()
 
     # ------------------------------------------------------------------------------------------ actions
