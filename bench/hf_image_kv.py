@@ -25,6 +25,7 @@ from transformers import AutoImageProcessor, MllamaForConditionalGeneration
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "fixtures"))        # make_fixtures imports its neighbours by name
 
 from tests.fixtures.make_fixtures import meta_semantics  # noqa: E402
 
