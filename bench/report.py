@@ -16,10 +16,17 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
 
 
 def cpu_model() -> str:
+    """The model name with the vendor, family and model numbers (one model name covers several generations)."""
+    fields: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():
+            break
+    if "model name" not in fields:
+        return platform.processor() or "unknown CPU"
+    vendor, family, model = (fields.get(key, "?") for key in ("vendor_id", "cpu family", "model"))
+    return f"{fields['model name']}, {vendor} family {family} model {model}"
 
 
 # The instruction sets that decide which kernels run: ggml's and ours, and torch's.
