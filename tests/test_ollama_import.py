@@ -191,7 +191,7 @@ def test_a_bf16_store_marked_f16_is_named_bf16_and_its_text_file_is_lva_converts
     pair, blob = imported(tmp_path, checkpoint, "v0.7.1", "BF16")
     source = tensors(blob)
     assert fields(blob)["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
-    assert source["output.weight"].tensor_type == T.BF16 and source["mm.0.weight"].tensor_type == F16
+    assert source["output.weight"].tensor_type == T.BF16 and source["mm.0.weight"].tensor_type == T.F16
     assert pair.text.name == "llama3.2-vision-tiny-text-BF16.gguf"
     assert fields(pair.text)["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
     assert fields(pair.vision)[K.QUANT] == "BF16"
