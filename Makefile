@@ -32,8 +32,10 @@ test: install
 	$(BIN)/python -m pytest
 
 # ruff (its rules and why: pyproject.toml) and mypy over assistant/ convert/ models/; CI wants zero findings.
+# Tests and benchmarks get pyflakes' checks (undefined and unused names, syntax) only.
 lint: install
 	$(BIN)/ruff check assistant convert models
+	$(BIN)/ruff check tests bench --select F,E9
 	$(BIN)/mypy
 
 # llama-cpp-python built from source with the RPC backend (about 5 minutes on 2 cores), never from pip's

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from assistant.runtime import kernel_choice  # noqa: E402
 from models import ggml  # noqa: E402
 from models.ggml import F16, F32, Graph, Tensor  # noqa: E402
-from models.kernels import library, ops  # noqa: E402
+from models.kernels import library  # noqa: E402
 from models.kernels.paths import GGML_FLASH_ATTENTION, Arithmetic, Isa, KernelPath, Paths  # noqa: E402
 from models.mllama import vision  # noqa: E402
 from models.mllama.hparams import VisionHParams  # noqa: E402

@@ -17,7 +17,7 @@ from assistant.images import ImageError
 from assistant.runtime.pieces import stop_prefix_length
 from convert.pipeline import convert
 from models import ggml
-from models.ggml import BF16, F16
+from models.ggml import BF16
 from models.kernels.paths import GGML_BF16_PRODUCTS, GGML_PATHS, GGML_PRODUCTS, Arithmetic, Paths
 from tests.kernel_paths import f32_paths, widest
 from tests.synthetic_checkpoint import small_config, write_checkpoint
