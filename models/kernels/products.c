@@ -75,6 +75,9 @@ static inline int64_t packed_at(int64_t o, int64_t i, int64_t k_pad, int g) {
 typedef float (*round_block_fn)(const float *values, void *q, float largest, int arithmetic, int input);
 float round_block_avx2(const float *values, void *q, float largest, int arithmetic, int input);
 float round_block_avx512(const float *values, void *q, float largest, int arithmetic, int input);
+typedef void (*widen_fn)(const uint16_t *h, float *out, int64_t n);
+void widen_avx2(const uint16_t *h, float *out, int64_t n);
+void widen_avx512(const uint16_t *h, float *out, int64_t n);
 
 void f32_product_avx2(const struct product *p, int64_t first, int64_t count, float *a);
 void f32_product_avx512(const struct product *p, int64_t first, int64_t count, float *a);
@@ -103,6 +106,10 @@ static round_block_fn round_block_for(int isa) {
     return LVA_FOR_ISA(isa, round_block, round_block_reference);
 }
 
+static void widen_reference(const uint16_t *h, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = lva_f32_of_f16(h[i]);
+}
+
 /* Bytes of a packed k x n matrix. */
 int64_t lva_packed_bytes(int arithmetic, int64_t k, int64_t n);
 int64_t lva_packed_bytes(int arithmetic, int64_t k, int64_t n) {
@@ -119,8 +126,10 @@ static void pack_f32(const uint16_t *w, int64_t k, int64_t n, size_t row_bytes, 
     }
 }
 
-static void pack_integers(int arithmetic, round_block_fn round_block, const uint16_t *w, int64_t k, int64_t n,
-                          size_t row_bytes, void *packed) {
+static void pack_integers(int arithmetic, int isa, const uint16_t *w, int64_t k, int64_t n, size_t row_bytes,
+                          void *packed) {
+    const round_block_fn round_block = round_block_for(isa);
+    const widen_fn widen = LVA_FOR_ISA(isa, widen, widen_reference);
     const int64_t k_pad = round_up(k, BLOCK), n_pad = round_up(n, PANEL), blocks = k_pad / BLOCK;
     const int g = per_lane(arithmetic), bytes = value_bytes(arithmetic);
     float *scales = (float *)((char *)packed + n_pad * k_pad * bytes), values[BLOCK];
@@ -129,8 +138,10 @@ static void pack_integers(int arithmetic, round_block_fn round_block, const uint
     for (int64_t o = 0; o < n_pad; o++)
         for (int64_t b = 0; b < blocks; b++) {
             const uint16_t *row = (const uint16_t *)((const char *)w + o * row_bytes);
-            for (int64_t i = 0; i < BLOCK; i++)
-                values[i] = o < n && b * BLOCK + i < k ? lva_f32_of_f16(row[b * BLOCK + i]) : 0.0f;
+            if (o < n && (b + 1) * BLOCK <= k) widen(row + b * BLOCK, values, BLOCK);
+            else
+                for (int64_t i = 0; i < BLOCK; i++)
+                    values[i] = o < n && b * BLOCK + i < k ? lva_f32_of_f16(row[b * BLOCK + i]) : 0.0f;
             const int64_t at = ((o / GROUP) * blocks + b) * GROUP + o % GROUP;
             scales[at] = round_block(values, q, weight_largest(arithmetic), arithmetic, 0);
             int32_t sum = 0;
@@ -148,7 +159,7 @@ static void pack_integers(int arithmetic, round_block_fn round_block, const uint
 void lva_pack(int arithmetic, int isa, const uint16_t *w, int64_t k, int64_t n, size_t row_bytes, void *packed);
 void lva_pack(int arithmetic, int isa, const uint16_t *w, int64_t k, int64_t n, size_t row_bytes, void *packed) {
     if (arithmetic == LVA_F32) pack_f32(w, k, n, row_bytes, packed);
-    else pack_integers(arithmetic, round_block_for(isa), w, k, n, row_bytes, packed);
+    else pack_integers(arithmetic, isa, w, k, n, row_bytes, packed);
 }
 
 /* Whether this build has the arithmetic on the instruction set (the CPU's support aside). */
@@ -329,6 +340,12 @@ void lva_product(struct ggml_tensor *dst, int ith, int nth, void *userdata) {
 /* ---------------------------------------------------------------------------------------- per instruction set */
 
 #include "tile.h"
+
+void SIMD(widen)(const uint16_t *h, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) vf32_store(out + i, vf32_load_f16(h + i));
+    for (; i < n; i++) out[i] = lva_f32_of_f16(h[i]);
+}
 
 float SIMD(round_block)(const float *values, void *q, float largest, int arithmetic, int input) {
     vf32 m = vf32_zero();
