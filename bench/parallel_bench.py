@@ -129,10 +129,12 @@ def first_token_seconds(model, image: Path, busy: list[Path]) -> float:
         for _ in range(3):                                     # the others well into their answers
             decoder.step()
         started = time.perf_counter()
-        newcomer = decoder.submit(Request(prompt(model, 200), image, greedy, max_tokens=4, stop_at_end_of_turn=False))
+        newcomer = decoder.submit(Request(prompt(model, 100), image, greedy, max_tokens=4, stop_at_end_of_turn=False))
         while newcomer.events.empty():
             decoder.step()
         seconds = time.perf_counter() - started
+        if not isinstance(newcomer.events.queue[0], int):
+            raise RuntimeError(f"the newcomer did not answer: {newcomer.events.queue[0]}")
         for answer in [*others, newcomer]:
             answer.cancel()
         while decoder.step():
@@ -142,12 +144,16 @@ def first_token_seconds(model, image: Path, busy: list[Path]) -> float:
         decoder.close()
 
 
-def batch_runs(text: Path, images: list[Path], work: Path, threads: int) -> dict[int, dict]:
+def batch_runs(text: Path, images: list[Path], work: Path, threads: int, reuse: bool) -> dict[int, dict]:
     """`lva batch` as a user runs it, --parallel 1 and 4: wall seconds with the images encoded in the run,
-    then with them in the feature cache; the answers by id and the tokens they hold."""
+    then with them in the feature cache; the answers by id and the tokens they hold (kept in `work`, and
+    reused with --reuse)."""
     questions = work / "batch-questions.jsonl"
     questions.write_text("".join(json.dumps({"id": f"{i}-{j}", "prompt": question, "image": str(image)}) + "\n"
                                  for i, image in enumerate(images) for j, question in enumerate(BATCH_QUESTIONS)))
+    kept = work / "batch-runs.json"
+    if reuse and kept.exists():
+        return {int(n): run for n, run in json.loads(kept.read_text()).items()}
     runs: dict[int, dict] = {}
     for parallel in (1, 4):
         home = work / f"batch-home-{parallel}"
@@ -167,6 +173,7 @@ def batch_runs(text: Path, images: list[Path], work: Path, threads: int) -> dict
             run["tokens"] = sum(line["completion_tokens"] for line in lines)
         runs[parallel] = run
         print(f"lva batch --parallel {parallel}:", run["walls"], run["tokens"], "tokens", flush=True)
+    kept.write_text(json.dumps(runs))
     return runs
 
 
@@ -208,7 +215,7 @@ def main() -> None:
     among = first_token_seconds(model, images[3], images[:3])
     paths = str(model.kernel_paths)
     model.close()
-    batch = batch_runs(pair.text, images, args.work, args.threads)
+    batch = batch_runs(pair.text, images, args.work, args.threads, args.reuse)
 
     stock_speedup, our_speedup = stock[4] / stock[1], ours[4] / ours[1]
     required = max(SPEEDUP_SHARE * stock_speedup, SPEEDUP_FLOOR)
