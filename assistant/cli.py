@@ -131,6 +131,7 @@ def _list_ollama_models(models: list) -> int:
 
 
 def run_models(_: argparse.Namespace) -> int:
+    from models.gguf_header import HeaderError
     from models.mllama.pairing import pair_id
 
     models = store.installed_models()
@@ -141,8 +142,11 @@ def run_models(_: argparse.Namespace) -> int:
     print(f"{'NAME':40} {'QUANT':8} {'SIZE':>9}  FILES")
     for model in models:
         if model.text and model.vision:
-            paired = pair_id(model.text) == pair_id(model.vision)
-            files = "text + vision" if paired else "text + vision (NOT a pair: converted from different checkpoints)"
+            try:
+                paired = pair_id(model.text) == pair_id(model.vision)
+                files = "text + vision" if paired else "text + vision (NOT a pair: converted separately)"
+            except HeaderError as e:
+                files = f"text + vision, unreadable: {e}"
         else:
             files = "text only" if model.text else "vision only (text file missing)"
         print(f"{model.name:40} {model.quant:8} {_human_size(model.size):>9}  {files}")

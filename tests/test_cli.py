@@ -43,9 +43,13 @@ def test_models_lists_pairs_and_flags_files_from_different_checkpoints(checkpoin
     stranger = convert(str(other), tmp_path / "other-out", quant="F16", name="mixed", progress=False)
     shutil.copy(stranger.vision, store / "mixed-vision-F16.gguf")
     (store / "good-vision-Q8_0.gguf").unlink()
+    for tower in ("text", "vision"):                                   # a download cut short, say
+        (store / f"cut-{tower}-F16.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
 
-    lines = run_lva("models").stdout.splitlines()
-    rows = {line.split()[0] + " " + line.split()[1]: line for line in lines[1:]}
-    assert set(rows) == {"good Q8_0", "mixed F16"}
+    result = run_lva("models")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in result.stdout.splitlines()[1:]}
+    assert set(rows) == {"good Q8_0", "mixed F16", "cut F16"}
     assert rows["good Q8_0"].endswith("text only")
     assert "NOT a pair" in rows["mixed F16"]
+    assert "unreadable: cut-text-F16.gguf is not a readable GGUF file" in rows["cut F16"]

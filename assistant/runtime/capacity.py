@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gguf import GGUFReader
-
 from assistant.runtime.errors import ModelError
+from models.gguf_header import HeaderError, read_header
 
 DEFAULT_PARALLEL = 4
 COMPUTE_BYTES = 2**30                 # llama.cpp's compute buffers and the vision tower's, about
@@ -22,15 +21,15 @@ GIB = 2**30
 def kv_bytes_per_token(text_gguf: Path, bytes_per_value: int = 2) -> int:
     """K and V of every layer for one token, read from the text file's header."""
     try:
-        fields = GGUFReader(text_gguf).fields
-    except (ValueError, OSError, IndexError, KeyError) as exc:      # what gguf-py raises for a file it cannot read
-        raise ModelError(f"{text_gguf.name} is not a readable GGUF file ({exc})") from None
+        metadata = read_header(text_gguf).metadata
+    except HeaderError as exc:
+        raise ModelError(str(exc)) from None
 
     def value(key: str) -> int:
-        field = fields.get(f"llama.{key}")
-        if field is None:
+        found = metadata.get(f"llama.{key}")
+        if not isinstance(found, int):
             raise ModelError(f"{text_gguf.name} does not say its {key} (not a llama text file?)")
-        return int(field.contents())
+        return found
     head_dim = value("embedding_length") // value("attention.head_count")
     return value("block_count") * 2 * value("attention.head_count_kv") * head_dim * bytes_per_value
 

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import gguf
-
 from assistant import store
 from assistant.store import MODEL_FILE, ModelNotFound, find_vision_file
-from models.file_type import read_file_type
+from models.file_type import file_type_of
+from models.gguf_header import read_header
 
 FILE_TYPE = "general.file_type"
 
@@ -46,15 +45,8 @@ class ServedModel:
     def metadata(self) -> dict[str, str | int | float | bool]:
         """The text file's GGUF metadata, arrays (vocabulary, merges) left out, and general.file_type as its
         tensors say (what `lva import` once wrote there was Ollama's F16 for BF16 and F32 models too)."""
-        reader = gguf.GGUFReader(self.text)
-        values = {}
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or len(field.types) != 1:
-                continue
-            value = field.contents()
-            values[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
-        values[FILE_TYPE] = int(read_file_type(self.text))
-        return values
+        header = read_header(self.text)
+        return {**header.metadata, FILE_TYPE: int(file_type_of(header.tensors))}
 
 
 def rfc3339(timestamp: float) -> str:
