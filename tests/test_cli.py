@@ -1,9 +1,11 @@
-"""The `lva` command as a user meets it: help, the model list, and pairs that do not belong together."""
+"""The `lva` command as a user meets it: help, the model list, pairs that do not belong together, bad counts."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import pytest
 
 from convert.pipeline import convert
 from convert.quant_types import QUANT_TYPES, VISION_TYPES
@@ -53,3 +55,13 @@ def test_models_lists_pairs_and_flags_files_from_different_checkpoints(checkpoin
     assert rows["good Q8_0"].endswith("text only")
     assert "NOT a pair" in rows["mixed F16"]
     assert "unreadable: cut-text-F16.gguf is not a readable GGUF file" in rows["cut F16"]
+
+
+@pytest.mark.parametrize("args, said", [(["ask", "--ctx", "-5", "hi"], "argument --ctx: must be at least 1 (got -5)"),
+                                        (["ask", "--threads", "0", "hi"], "argument --threads: must be at least 1"),
+                                        (["serve", "--max-tokens", "0"], "argument --max-tokens: must be at least 1"),
+                                        (["chat", "--ctx", "x"], "argument --ctx: 'x' is not a whole number")])
+def test_counts_below_one_are_refused_in_one_line_before_anything_loads(args: list[str], said: str) -> None:
+    result = run_lva(*args)
+    assert result.returncode == 2
+    assert said in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr

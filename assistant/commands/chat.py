@@ -15,7 +15,7 @@ def add_parser(commands) -> None:
                                              "conversations are kept.")
     parser.add_argument("--model", help="model name in the store or path to a text GGUF "
                                         "(default: the only model in the store)")
-    parser.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    common.add_context_option(parser)
     common.add_device_options(parser)
     parser.set_defaults(run=run)
 

@@ -13,12 +13,27 @@ from assistant import store
 from assistant.chat.engine import DEFAULT_MAX_TOKENS, Sampling
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (tokens, threads): a whole number of at least 1, refused before anything loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def add_context_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ctx", type=positive_int, default=4096, help="context length in tokens (default 4096)")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name in the store or path to a text GGUF "
                                         "(default: the only model in the store)")
-    parser.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="longest answer in tokens")
+    add_context_option(parser)
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, help="longest answer in tokens")
     parser.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=Sampling.top_p)
     parser.add_argument("--top-k", type=int, default=Sampling.top_k)
