@@ -6,7 +6,8 @@ checkpoint at the real vision widths (32 local + 8 global layers of 1280) whose 
 residual channels 30x larger (`write_checkpoint(outlier_channels=...)`), as trained ViTs do: the case
 that hurts low-precision arithmetic, whose scales those channels set. One 4-tile image.
 
-For each path (attention x products; LVA_ATTENTION and LVA_PRODUCTS force them) lva encodes the image and
+For each path (attention x products x the MLP's down product; LVA_ATTENTION, LVA_PRODUCTS and LVA_MLP_DOWN
+force them) lva encodes the image and
 its K/V are compared with HF's fp32 ones: ||lva - HF fp32|| / ||HF fp32|| over each cross layer's K and
 V, the largest of them. HF bf16 (the checkpoint loaded in bfloat16) gives the bound the same way.
 
@@ -39,10 +40,14 @@ from report import machine, write_section  # noqa: E402
 
 DEFAULT_REFERENCE_PYTHON = "/work/refvenv/bin/python"
 OUTLIER_CHANNELS = (3, 400, 777, 1100)
-# (attention, products): each arithmetic alone beside F32, then the combinations the calibration may pick.
-PATHS = [("f32", "f32"), ("f32", "ggml"), ("f32", "ggml-bf16"), ("f32", "int16"), ("f32", "int8"),
-         ("int16", "f32"), ("bf16", "f32"), ("ggml", "f32"),
-         ("int16", "int16"), ("bf16", "ggml-bf16"), ("bf16", "int16"), ("int16", "int8"), ("bf16", "int8")]
+# (attention, products, the MLP's down product): each arithmetic alone beside F32, then the combinations
+# the calibration may pick, the least accurate of each op together among them, then int8 everywhere.
+PATHS = [("f32", "f32", "f32"), ("f32", "ggml", "ggml"), ("f32", "ggml-bf16", "ggml-bf16"),
+         ("f32", "int16", "int16"), ("f32", "f32", "int8"), ("f32", "int8", "int8"),
+         ("int16", "f32", "f32"), ("bf16", "f32", "f32"), ("ggml", "f32", "f32"),
+         ("int16", "int16", "int16"), ("bf16", "ggml-bf16", "ggml-bf16"), ("bf16", "int16", "int16"),
+         ("bf16", "int16", "int8"), ("int16", "int16", "int8"), ("bf16", "ggml-bf16", "int8"),
+         ("ggml", "ggml-bf16", "int8"), ("bf16", "int8", "int8")]
 
 
 def image(path: Path) -> Path:
@@ -60,9 +65,10 @@ def relative_error(kv: dict[str, np.ndarray], reference: dict[str, np.ndarray]) 
                for name in reference)
 
 
-def lva_kv(text_file: Path, picture: Path, attention: str, products: str, threads: int) -> dict[str, np.ndarray]:
+def lva_kv(text_file: Path, picture: Path, attention: str, products: str, mlp_down: str,
+           threads: int) -> dict[str, np.ndarray]:
     """lva's K/V of the image as [tokens, kv_heads, head_dim] float32, keyed as hf_image_kv.py keys them."""
-    os.environ["LVA_ATTENTION"], os.environ["LVA_PRODUCTS"] = attention, products
+    os.environ["LVA_ATTENTION"], os.environ["LVA_PRODUCTS"], os.environ["LVA_MLP_DOWN"] = attention, products, mlp_down
     model = load_model(text_file, n_ctx=256, n_threads=threads)
     try:
         _, kv = model.encode_image(picture)
@@ -75,7 +81,7 @@ def lva_kv(text_file: Path, picture: Path, attention: str, products: str, thread
         array = array.astype(np.float32)
         # keys: [kv_heads, tokens, hd] -> [tokens, kv_heads, hd]; values: [kv_heads, hd, tokens] -> the same
         found[name] = array.transpose(1, 0, 2) if name.startswith("k.") else array.transpose(2, 0, 1)
-    found["paths"] = np.array(f"attention {paths.attention}, products {paths.products}")
+    found["paths"] = np.array(f"attention {paths.attention}, products {paths.products}, MLP down {paths.mlp_down}")
     return found
 
 
@@ -85,8 +91,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep the checkpoint, conversion and HF results")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
-    parser.add_argument("--paths", nargs="+", metavar="ATTENTION/PRODUCTS",
-                        help="only these rows (as LVA_ATTENTION/LVA_PRODUCTS name them), e.g. f32/int8")
+    parser.add_argument("--paths", nargs="+", metavar="ATTENTION/PRODUCTS[/MLP_DOWN]",
+                        help="only these rows (as LVA_ATTENTION/LVA_PRODUCTS/LVA_MLP_DOWN name them; the MLP's "
+                             "down product as the others unless said), e.g. f32/int8 bf16/int16/int8")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -116,9 +123,9 @@ def main() -> None:
     print(f"HF bf16 against HF fp32: {bound:.3g}", flush=True)
 
     rows = []
-    chosen = [tuple(p.split("/")) for p in args.paths] if args.paths else PATHS
-    for attention, products in chosen:
-        found = lva_kv(text_files[0], picture, attention, products, args.threads)
+    chosen = [(*p.split("/"), p.split("/")[-1])[:3] for p in args.paths] if args.paths else PATHS
+    for attention, products, mlp_down in chosen:
+        found = lva_kv(text_files[0], picture, attention, products, mlp_down, args.threads)
         paths = str(found.pop("paths"))
         error = relative_error(found, references["float32"])
         rows.append((paths, error))

@@ -21,6 +21,7 @@ most of the encode time. In one run, on one machine:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -42,7 +43,7 @@ from assistant.runtime import kernel_choice  # noqa: E402
 from models import ggml  # noqa: E402
 from models.ggml import F16, F32, Graph, Tensor  # noqa: E402
 from models.kernels import library  # noqa: E402
-from models.kernels.paths import GGML_FLASH_ATTENTION, Arithmetic, Isa, KernelPath, Paths  # noqa: E402
+from models.kernels.paths import GGML_FLASH_ATTENTION, GGML_PATHS, Arithmetic, Isa, KernelPath, Paths  # noqa: E402
 from models.mllama import vision  # noqa: E402
 from models.mllama.hparams import VisionHParams  # noqa: E402
 from models.mllama.weights import VisionLayer  # noqa: E402
@@ -145,11 +146,15 @@ def time_layer(backend: ggml.Backend, layer: VisionLayer, paths: Paths, runs: in
         scratch.close()
 
 
-def with_copies(backend: ggml.Backend, layer: VisionLayer, products: KernelPath) -> tuple[VisionLayer, ggml.Memory]:
-    """The layer with its F16 matrices replaced as the runtime replaces them for `products` (packed or BF16
-    copies), and the copies' memory (empty for ggml's product of the weights as stored)."""
+def with_copies(backend: ggml.Backend, layer: VisionLayer,
+                products: KernelPath | Paths) -> tuple[VisionLayer, contextlib.ExitStack]:
+    """The layer with its F16 matrices replaced as the runtime replaces them for `products` (one path for
+    every product, or the paths of each: packed or BF16 copies), and the copies' memory, to close."""
+    paths = products if isinstance(products, Paths) else dataclasses.replace(GGML_PATHS, products=products, mlp_down=products)
     copied, scratch = dataclasses.replace(layer), ggml.Scratch(backend)
-    memory = vision.swap_for_copies([copied], products, backend, scratch, ORIGINALS) or ggml.Memory(0)
+    memory = contextlib.ExitStack()
+    for copies in vision.make_copies([copied], paths, backend, scratch, ORIGINALS):
+        memory.enter_context(copies)
     scratch.close()
     return copied, memory
 
@@ -201,8 +206,8 @@ def layer_parts(backend: ggml.Backend, layer: VisionLayer, paths: Paths, runs: i
             return {x_in: x, wide_in: wide}
         return time_graph(backend, build, runs)
 
-    def product(g: Graph, w: Tensor, x_in: Tensor) -> Tensor:
-        return vision.product(g, w, x_in, paths.products, ORIGINALS.get(w))
+    def product(g: Graph, w: Tensor, x_in: Tensor, path: KernelPath = paths.products) -> Tensor:
+        return vision.product(g, w, x_in, path, ORIGINALS.get(w))
 
     def norm(g: Graph, x_in: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return g.layer_norm(x_in, w, b, HP.norm_eps)
@@ -211,7 +216,8 @@ def layer_parts(backend: ggml.Backend, layer: VisionLayer, paths: Paths, runs: i
         "Q, K, V, O products": timed(lambda g, x_in, w: [product(g, m, x_in) for m in
                                                          (layer.attn_q, layer.attn_k, layer.attn_v, layer.attn_output)]),
         "MLP products (down bias)": timed(lambda g, x_in, w: [product(g, layer.ffn_up, x_in),
-                                                              g.add(product(g, layer.ffn_down, w), layer.ffn_down_bias)]),
+                                                              g.add(product(g, layer.ffn_down, w, paths.mlp_down),
+                                                                    layer.ffn_down_bias)]),
         "attention": attention_seconds(backend, paths.attention, runs),
         "2 layer norms": timed(lambda g, x_in, w: [norm(g, x_in, layer.attn_norm, layer.attn_norm_bias),
                                                    norm(g, x_in, layer.ffn_norm, layer.ffn_norm_bias)]),
@@ -301,7 +307,7 @@ def targets(products: dict[str, float], attention: dict[str, float]) -> list[str
 def layer_section(backend: ggml.Backend, args: argparse.Namespace, paths: Paths) -> list[str]:
     rng = np.random.default_rng(5)
     layer, memory = random_layer(backend, Q.F16, rng)
-    copied, copies = with_copies(backend, layer, paths.products)
+    copied, copies = with_copies(backend, layer, paths)
     with copies, memory:
         whole = time_layer(backend, copied, paths, args.runs)
         without = time_layer(backend, copied, paths, args.runs, without_attention=True)

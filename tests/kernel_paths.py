@@ -33,7 +33,7 @@ def widest(arithmetic: Arithmetic, op: str) -> KernelPath | None:
 def f32_paths(**others: KernelPath) -> Paths:
     """Our kernels in F32 for every op (the closest to exact), on the widest instruction set, or as given;
     skips the test where this CPU runs none of them."""
-    chosen = {op: widest(Arithmetic.F32, op) for op in ("attention", "products", "gelu", "cross_attention")}
+    chosen = {op: widest(Arithmetic.F32, op) for op in ("attention", "products", "mlp_down", "gelu", "cross_attention")}
     chosen.update(others)
     if None in chosen.values():
         pytest.skip("this CPU runs none of lva's SIMD kernels (not run)")

@@ -43,8 +43,8 @@ class ImageStore:
         self._kept: OrderedDict[str, ImageKV] = OrderedDict()
 
     def key(self, image: ImageSource) -> str:
-        paths = self.encoder.tower.paths
-        return f"{content_id(load_image(image))}:{self.vision.pair_id}:{paths.attention}+{paths.products}"
+        p = self.encoder.tower.paths
+        return f"{content_id(load_image(image))}:{self.vision.pair_id}:{p.attention}+{p.products}+{p.mlp_down}"
 
     def encode(self, image: ImageSource, progress: Progress | None = None,
                cancelled: Callable[[], bool] | None = None) -> tuple[str, ImageKV]:

@@ -1,7 +1,7 @@
 """The paths this machine's CPU runs, measured once and kept: models/mllama/calibration.py measures, this
 module keeps the measurements in the cache folder, keyed by what they depend on (the CPU's vendor,
 family, model and flags, the thread count, and the versions of lva, llama-cpp-python and the kernel
-library), and applies what `LVA_ATTENTION` and `LVA_PRODUCTS` force.
+library), and applies what `LVA_ATTENTION`, `LVA_PRODUCTS` and `LVA_MLP_DOWN` force.
 
 A cache file that cannot be read is ignored with a one-line warning and measured again.
 """
@@ -81,21 +81,16 @@ def measurements(threads: int, progress: Progress | None = None, cache: Path | N
 def choose(threads: int, progress: Progress | None = None, environment: Mapping[str, str] = os.environ,
            cache: Path | None = None) -> Paths:
     """The path of each op on this CPU: the fastest within the bound, unless the environment forces one."""
-    forced_attention, forced_products = paths.forced(environment)
+    forced = {op: wanted for op, wanted in paths.forced(environment).items() if wanted is not None}
     if library.load()[0] is None:
-        if (forced_attention and forced_attention != paths.GGML_FLASH_ATTENTION) or \
-                (forced_products and forced_products not in (paths.GGML_PRODUCTS, paths.GGML_BF16_PRODUCTS)):
+        ggml_paths = (paths.GGML_FLASH_ATTENTION, paths.GGML_PRODUCTS, paths.GGML_BF16_PRODUCTS)
+        if any(wanted not in ggml_paths for wanted in forced.values()):
             library.required()                                   # says why, in one line
         _warn_missing_library(library.load()[1])
-        products = forced_products if isinstance(forced_products, KernelPath) else GGML_PATHS.products
-        return replace(GGML_PATHS, products=products)
+        return replace(GGML_PATHS, **{op: wanted for op, wanted in forced.items() if isinstance(wanted, KernelPath)})
     found = measurements(threads, progress, cache)
-    chosen = calibration.choose(found)
-    if forced_attention is not None:
-        chosen = replace(chosen, attention=calibration.resolve_forced(forced_attention, "attention", found))
-    if forced_products is not None:
-        chosen = replace(chosen, products=calibration.resolve_forced(forced_products, "products", found))
-    return chosen
+    return replace(calibration.choose(found),
+                   **{op: calibration.resolve_forced(wanted, op, found) for op, wanted in forced.items()})
 
 
 def checked(wanted: Paths) -> Paths:

@@ -64,7 +64,8 @@ def isas() -> list[Isa]:
 
 
 def runs(path: KernelPath, op: str) -> bool:
-    """Whether this CPU and build run `path` for `op` ("attention", "products", "gelu", "cross_attention")."""
+    """Whether this CPU and build run `path` for `op` ("attention", "products", "mlp_down", "gelu",
+    "cross_attention")."""
     library, _ = load()
     if not path.ours:
         return True
@@ -72,7 +73,7 @@ def runs(path: KernelPath, op: str) -> bool:
         return False
     if op == "attention":
         return bool(library.lva_attention_has(path.arithmetic.value, path.isa.value))
-    if op == "products":
+    if op in ("products", "mlp_down"):
         return path.arithmetic is not Arithmetic.BF16 and bool(library.lva_product_has(path.arithmetic.value,
                                                                                          path.isa.value))
     return path.arithmetic is Arithmetic.F32            # the GELU and the cross-attention compute in F32

@@ -36,7 +36,7 @@ class Arithmetic(Enum):
 
     F32 = 0              # nothing
     INT16 = 1            # 13-14-bit integers with a scale per 64 values (or per row)
-    INT8 = 2             # 8-bit integers with a scale per 64 values
+    INT8 = 2             # 8-bit weights, inputs spread over 0..255, with a scale per 64 values
     BF16 = 3             # BF16
     F16 = 4              # ggml's flash attention: K and V to F16
     STORED = 5           # ggml's product of the weights as the file stores them (F16: activations to F16)
@@ -87,24 +87,27 @@ GGML_CROSS_ATTENTION = KernelPath(Arithmetic.STORED)   # ggml's ops over the K/V
 
 @dataclass(frozen=True)
 class Paths:
-    """The path of each op: the encoder's attention, matrix products and GELU, and a decoded token's
-    cross-attention over an image's K/V."""
+    """The path of each op: the encoder's attention, its matrix products, the MLP's down product (apart:
+    its inputs are GELU's outputs, nearly all >= -0.17, which INT8 rounds twice as finely as the others'),
+    and GELU, and a decoded token's cross-attention over an image's K/V."""
 
     attention: KernelPath
     products: KernelPath
+    mlp_down: KernelPath
     gelu: KernelPath
     cross_attention: KernelPath
 
     def __str__(self) -> str:
-        return (f"attention {self.attention}, products {self.products}, GELU {self.gelu}, "
-                f"cross-attention {self.cross_attention}")
+        return (f"attention {self.attention}, products {self.products}, MLP down {self.mlp_down}, "
+                f"GELU {self.gelu}, cross-attention {self.cross_attention}")
 
 
-GGML_PATHS = Paths(GGML_FLASH_ATTENTION, GGML_PRODUCTS, GGML_GELU_TANH, GGML_CROSS_ATTENTION)
-EXACT_PATHS = Paths(GGML_EXACT_ATTENTION, GGML_PRODUCTS, GGML_GELU_ERF, GGML_CROSS_ATTENTION)
+GGML_PATHS = Paths(GGML_FLASH_ATTENTION, GGML_PRODUCTS, GGML_PRODUCTS, GGML_GELU_TANH, GGML_CROSS_ATTENTION)
+EXACT_PATHS = Paths(GGML_EXACT_ATTENTION, GGML_PRODUCTS, GGML_PRODUCTS, GGML_GELU_ERF, GGML_CROSS_ATTENTION)
 
 ATTENTION_ENVIRONMENT = "LVA_ATTENTION"
-PRODUCTS_ENVIRONMENT = "LVA_PRODUCTS"
+PRODUCTS_ENVIRONMENT = "LVA_PRODUCTS"            # every product, the MLP's down product too
+MLP_DOWN_ENVIRONMENT = "LVA_MLP_DOWN"            # the MLP's down product alone
 # What each variable's values name: a path, or an arithmetic whose instruction set is measured.
 ATTENTION_NAMES: dict[str, KernelPath | Arithmetic] = {
     "ggml": GGML_FLASH_ATTENTION, "f32": Arithmetic.F32, "int16": Arithmetic.INT16, "bf16": Arithmetic.BF16,
@@ -135,9 +138,12 @@ def parse(value: str, names: Mapping[str, KernelPath | Arithmetic], variable: st
 Forced = KernelPath | Arithmetic | None
 
 
-def forced(environment: Mapping[str, str] = os.environ) -> tuple[Forced, Forced]:
-    """What `LVA_ATTENTION` and `LVA_PRODUCTS` force (None where unset): a path, or an arithmetic."""
-    attention = environment.get(ATTENTION_ENVIRONMENT, "").strip()
-    products = environment.get(PRODUCTS_ENVIRONMENT, "").strip()
-    return (parse(attention, ATTENTION_NAMES, ATTENTION_ENVIRONMENT) if attention else None,
-            parse(products, PRODUCTS_NAMES, PRODUCTS_ENVIRONMENT) if products else None)
+def forced(environment: Mapping[str, str] = os.environ) -> dict[str, Forced]:
+    """What the environment forces, by op (None where unset): a path, or an arithmetic. `LVA_PRODUCTS`
+    names every product's, `LVA_MLP_DOWN` the MLP's down product's alone (it wins for that one)."""
+    def named(variable: str, names: Mapping[str, KernelPath | Arithmetic]) -> Forced:
+        value = environment.get(variable, "").strip()
+        return parse(value, names, variable) if value else None
+    products = named(PRODUCTS_ENVIRONMENT, PRODUCTS_NAMES)
+    return {"attention": named(ATTENTION_ENVIRONMENT, ATTENTION_NAMES), "products": products,
+            "mlp_down": named(MLP_DOWN_ENVIRONMENT, PRODUCTS_NAMES) or products}

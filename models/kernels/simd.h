@@ -45,6 +45,7 @@ typedef __m256i vi32;
 #define vi32_load(p) _mm256_loadu_si256((const __m256i *)(p))
 #define vi32_add(a, b) _mm256_add_epi32((a), (b))
 #define vi32_sub(a, b) _mm256_sub_epi32((a), (b))
+#define vi32_mul(a, b) _mm256_mullo_epi32((a), (b))
 #define vi32_dot_i16(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
 
 LVA_INLINE float vf32_hsum(vf32 x) {
@@ -57,6 +58,12 @@ LVA_INLINE float vf32_hmax(vf32 x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+LVA_INLINE float vf32_hmin(vf32 x) {
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
 LVA_INLINE vf32 vf32_keep(vf32 v, int64_t n, float fill) {
@@ -113,12 +120,14 @@ typedef __m512i vi32;
 #define vf32_of_i32(a) _mm512_cvtepi32_ps(a)
 #define vf32_hsum(a) _mm512_reduce_add_ps(a)
 #define vf32_hmax(a) _mm512_reduce_max_ps(a)
+#define vf32_hmin(a) _mm512_reduce_min_ps(a)
 
 #define vi32_zero() _mm512_setzero_si512()
 #define vi32_set1(x) _mm512_set1_epi32(x)
 #define vi32_load(p) _mm512_loadu_si512((const void *)(p))
 #define vi32_add(a, b) _mm512_add_epi32((a), (b))
 #define vi32_sub(a, b) _mm512_sub_epi32((a), (b))
+#define vi32_mul(a, b) _mm512_mullo_epi32((a), (b))
 #define vi32_dot_i16(acc, a, b) _mm512_dpwssd_epi32((acc), (a), (b))
 #define vi32_dot_u8i8(acc, a, b) _mm512_dpbusd_epi32((acc), (a), (b))
 #define vi32_store_i16(q, v) _mm256_storeu_si256((__m256i *)(q), _mm512_cvtsepi32_epi16(v))

@@ -2,7 +2,8 @@
 
 The same arithmetic is twice as fast on one vendor's cores as on another's (BF16 dot products on AMD's
 Zen 4 against Intel's cores without AMX, docs/PERFORMANCE.md), so every path this machine can run is
-timed on the real shapes of the vision encoder (its widest matrix products, its attention, its GELU) and
+timed on the real shapes of the vision encoder (its widest matrix products, the MLP's down product on
+GELU's outputs, its attention, its GELU) and
 of a decoded token's cross-attention over a 4-tile image, on a slice of the work: a few seconds in all.
 Each op then runs the fastest path whose error is within the bound:
 
@@ -32,16 +33,20 @@ from models.kernels.paths import (GGML_BF16_PRODUCTS, GGML_CROSS_ATTENTION, GGML
 from models.mllama import vision
 from models.mllama.cross_attention import image_attention
 
-OPS = ("attention", "products", "gelu", "cross_attention")
+OPS = ("attention", "products", "mlp_down", "gelu", "cross_attention")
 
 # Arithmetics within the model-level bound, per op (docs/PERFORMANCE.md, "Accuracy"): their error on the
 # K/V an image leaves in the cross layers is at most HF bf16's own on the outlier checkpoint (bench/
-# accuracy_bench.py). INT8 products are not: 1.8x HF bf16's error even with the outlier channels taken
-# out (their 8-bit weights and inputs round about five times as coarsely as BF16 inputs), so they run only
-# where LVA_PRODUCTS asks for them.
+# accuracy_bench.py), with every op on its least accurate candidate at once. INT8 for every product is
+# not: 1.65x HF bf16's error even with the outlier channels taken out (its 8-bit weights and inputs round
+# about five times as coarsely as BF16 inputs), so it runs only where LVA_PRODUCTS asks for it. INT8 for
+# the MLP's down product alone is: its inputs, GELU's outputs, are nearly all of one sign, so spread over
+# 0..255 they round twice as finely; 0.79x HF bf16's error beside BF16 attention and INT16 products.
+_PRODUCTS = {Arithmetic.F32, Arithmetic.INT16, Arithmetic.BF16, Arithmetic.STORED}
 WITHIN_MODEL_BOUND = {
     "attention": {Arithmetic.F32, Arithmetic.INT16, Arithmetic.BF16, Arithmetic.F16},
-    "products": {Arithmetic.F32, Arithmetic.INT16, Arithmetic.BF16, Arithmetic.STORED},
+    "products": _PRODUCTS,
+    "mlp_down": _PRODUCTS | {Arithmetic.INT8},
     "gelu": {Arithmetic.F32, Arithmetic.F16},
     "cross_attention": {Arithmetic.F32, Arithmetic.STORED},
 }
@@ -54,6 +59,8 @@ OP_BOUNDS = {
     ("products", Arithmetic.F32): 1e-5, ("products", Arithmetic.INT16): 1e-3,
     ("products", Arithmetic.INT8): 1.3e-2, ("products", Arithmetic.BF16): 1e-2,
     ("products", Arithmetic.STORED): 1e-3,
+    ("mlp_down", Arithmetic.F32): 1e-5, ("mlp_down", Arithmetic.INT16): 1e-3, ("mlp_down", Arithmetic.INT8): 1.5e-2,
+    ("mlp_down", Arithmetic.BF16): 1e-2, ("mlp_down", Arithmetic.STORED): 1e-3,
     ("gelu", Arithmetic.F32): 1e-6, ("gelu", Arithmetic.F16): 1e-2,
     ("cross_attention", Arithmetic.F32): 1e-5, ("cross_attention", Arithmetic.STORED): 2e-3,
 }
@@ -64,7 +71,8 @@ WIDTH, INTERMEDIATE, HEAD_DIM, TOKENS = 1280, 5120, 80, 384
 ATTENTION_HEADS, ATTENTION_TOKENS, ATTENTION_REAL = 1, 6432, 6404
 IMAGE_TOKENS, KV_HEADS, QUERY_GROUP, CROSS_HEAD_DIM = 6404, 8, 4, 128
 OUTLIERS, OUTLIER_SCALE = (7, 300, 811, 1000), 30.0       # residual channels that trained ViTs make large
-UNITS = {"attention": "GFLOP/s", "products": "GFLOP/s", "gelu": "G values/s", "cross_attention": "GB/s"}
+UNITS = {"attention": "GFLOP/s", "products": "GFLOP/s", "mlp_down": "GFLOP/s", "gelu": "G values/s",
+         "cross_attention": "GB/s"}
 
 
 @dataclass(frozen=True)
@@ -102,9 +110,9 @@ def candidates(op: str) -> list[KernelPath]:
     reference paths, the tests' yardstick, are left out."""
     ours = [KernelPath(arithmetic, isa) for isa in library.isas() if isa is not Isa.REFERENCE
             for arithmetic in (Arithmetic.F32, Arithmetic.INT16, Arithmetic.INT8, Arithmetic.BF16)]
-    ggml_paths = {"attention": [GGML_FLASH_ATTENTION], "products": [GGML_PRODUCTS], "gelu": [GGML_GELU_TANH],
-                  "cross_attention": [GGML_CROSS_ATTENTION]}[op]
-    if op == "products" and ggml.cpu_features().get("AVX512_BF16") == "1":
+    ggml_paths = {"attention": [GGML_FLASH_ATTENTION], "products": [GGML_PRODUCTS], "mlp_down": [GGML_PRODUCTS],
+                  "gelu": [GGML_GELU_TANH], "cross_attention": [GGML_CROSS_ATTENTION]}[op]
+    if op in ("products", "mlp_down") and ggml.cpu_features().get("AVX512_BF16") == "1":
         ggml_paths.append(GGML_BF16_PRODUCTS)
     runnable = [p for p in ours if library.runs(p, op) and not _narrower_duplicate(p, op)] + ggml_paths
     return [p for p in runnable if p.arithmetic in WITHIN_MODEL_BOUND[op]]
@@ -118,7 +126,8 @@ def _narrower_duplicate(path: KernelPath, op: str) -> bool:
 def measure(op: str, paths: Iterable[KernelPath], threads: int, runs: int = 2,
             progress: Callable[[], None] | None = None) -> list[Measurement]:
     """Time each path of `op` (the best of `runs`, after one untimed run) and measure its error."""
-    measurer = {"attention": _attention, "products": _products, "gelu": _gelu, "cross_attention": _cross}[op]
+    measurer = {"attention": _attention, "products": _products, "mlp_down": _mlp_down, "gelu": _gelu,
+                "cross_attention": _cross}[op]
     backend = ggml.Backend(threads, ggml.cpu_device())
     scratch = ggml.Scratch(backend)
     try:
@@ -142,8 +151,8 @@ def fastest(measurements: Iterable[Measurement], op: str) -> KernelPath | None:
 
 def choose(measurements: list[Measurement]) -> Paths:
     """Each op's fastest path within its bound (ggml's ops where none is: they are always candidates)."""
-    defaults = {"attention": GGML_FLASH_ATTENTION, "products": GGML_PRODUCTS, "gelu": GGML_GELU_TANH,
-                "cross_attention": GGML_CROSS_ATTENTION}
+    defaults = {"attention": GGML_FLASH_ATTENTION, "products": GGML_PRODUCTS, "mlp_down": GGML_PRODUCTS,
+                "gelu": GGML_GELU_TANH, "cross_attention": GGML_CROSS_ATTENTION}
     return Paths(**{op: fastest(measurements, op) or defaults[op] for op in OPS})
 
 
@@ -198,13 +207,31 @@ def _activations(rng: np.random.Generator, tokens: int, width: int) -> np.ndarra
     return x
 
 
+def _gelu_outputs(rng: np.random.Generator, tokens: int, width: int) -> np.ndarray:
+    """GELU's outputs (its tanh form) over the MLP's up product's: nearly all >= -0.17, a long positive tail."""
+    x = 1.5 * rng.standard_normal((tokens, width), dtype=np.float32)
+    return (0.5 * x * (1 + np.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))).astype(np.float32)
+
+
 def _products(backend: ggml.Backend, scratch: ggml.Scratch, path: KernelPath, runs: int) -> tuple[float, float, float]:
     """The encoder's widest products, ffn_up (1280 -> 5120) and ffn_down (5120 -> 1280), on TOKENS tokens."""
+    return _timed_products(backend, scratch, path, runs, ((WIDTH, INTERMEDIATE), (INTERMEDIATE, WIDTH)), _activations)
+
+
+def _mlp_down(backend: ggml.Backend, scratch: ggml.Scratch, path: KernelPath, runs: int) -> tuple[float, float, float]:
+    """The MLP's down product (5120 -> 1280) on TOKENS tokens of GELU's outputs."""
+    return _timed_products(backend, scratch, path, runs, ((INTERMEDIATE, WIDTH),), _gelu_outputs)
+
+
+def _timed_products(backend: ggml.Backend, scratch: ggml.Scratch, path: KernelPath, runs: int,
+                    shapes: tuple[tuple[int, int], ...],
+                    inputs: Callable[[np.random.Generator, int, int], np.ndarray]) -> tuple[float, float, float]:
+    """Products of random F16 matrices of these (inputs, outputs) shapes with TOKENS tokens of `inputs`."""
     rng = np.random.default_rng(0)
     seconds, errors = 0.0, []
-    for k, n in ((WIDTH, INTERMEDIATE), (INTERMEDIATE, WIDTH)):
+    for k, n in shapes:
         weights = (rng.standard_normal((n, k)) / math.sqrt(k)).astype(np.float16)
-        x = _activations(rng, TOKENS, k)
+        x = inputs(rng, TOKENS, k)
         with ggml.Memory(1) as held:
             matrix = held.new(BF16 if path == GGML_BF16_PRODUCTS else F16, k, n, name="w")
             held.allocate(backend)
@@ -227,7 +254,7 @@ def _products(backend: ggml.Backend, scratch: ggml.Scratch, path: KernelPath, ru
         seconds += time_taken
         exact = x[:32].astype(np.float64) @ weights.astype(np.float64).T
         errors.append(_relative_error(y[:32], exact))
-    return seconds, 2 * 2 * TOKENS * WIDTH * INTERMEDIATE, max(errors)
+    return seconds, sum(2 * TOKENS * k * n for k, n in shapes), max(errors)
 
 
 def _attention(backend: ggml.Backend, scratch: ggml.Scratch, path: KernelPath, runs: int) -> tuple[float, float, float]:

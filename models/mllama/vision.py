@@ -59,7 +59,7 @@ class VisionTower:
     projector: Projector
     gates: TowerGates
     paths: Paths
-    copies: ggml.Memory | None = None        # the packed or BF16 copies of the F16 matrices, once made
+    copies: list[ggml.Memory] | None = None  # the packed or BF16 copies of the F16 matrices, once made
     originals: dict[Tensor, Tensor] = field(default_factory=dict)   # copy -> the F16 matrix it was made of
 
     @classmethod
@@ -80,30 +80,42 @@ class VisionTower:
         return ggml.struct(self.layers[0].attn_q).type
 
     def make_copies(self, backend: ggml.Backend, scratch: ggml.Scratch) -> None:
-        """Swap the F16 matrices for the copies `paths.products` multiplies (once; the encoder calls this
-        first)."""
+        """Swap the F16 matrices for the copies their paths multiply (once; the encoder calls this first)."""
         if self.copies is None:
-            self.copies = swap_for_copies([*self.layers, *self.global_layers, self.projector], self.paths.products,
-                                          backend, scratch, self.originals)
+            self.copies = make_copies([*self.layers, *self.global_layers, self.projector], self.paths, backend,
+                                      scratch, self.originals)
 
     def close(self) -> None:
-        if self.copies:
-            self.copies.close()
-            self.copies = None
+        for memory in self.copies or []:
+            memory.close()
+        self.copies = None
+
+
+def make_copies(blocks: list, paths: Paths, backend: ggml.Backend, scratch: ggml.Scratch,
+                originals: dict[Tensor, Tensor]) -> list[ggml.Memory]:
+    """Swap the F16 matrices of `blocks` for the copies their paths multiply: `paths.mlp_down`'s for the MLPs'
+    down products, `paths.products`' for the others; returns the copies' memory."""
+    roles = ((paths.products, lambda name: name != "ffn_down"), (paths.mlp_down, lambda name: name == "ffn_down"))
+    return [memory for path, chosen in roles
+            if (memory := swap_for_copies(blocks, path, backend, scratch, originals, chosen))]
 
 
 def swap_for_copies(blocks: list, products: KernelPath, backend: ggml.Backend, scratch: ggml.Scratch,
-                    originals: dict[Tensor, Tensor]) -> ggml.Memory | None:
-    """Replace the F16 matrices of `blocks` by the copies `products` multiplies: BF16 copies made by ggml, or
-    copies packed by our kernel; returns their memory (None for ggml's product of the weights as stored) and
-    notes in `originals` the matrix each copy was made of. Matrices of other types (a quantized tower's, or
-    rows that fell back to another type) stay as they are."""
+                    originals: dict[Tensor, Tensor],
+                    chosen: Callable[[str], bool] = lambda name: True) -> ggml.Memory | None:
+    """Replace the F16 matrices of `blocks` (the fields `chosen` names) by the copies `products` multiplies:
+    BF16 copies made by ggml, or copies packed by our kernel; returns their memory (None for ggml's product
+    of the weights as stored, or when there are none) and notes in `originals` the matrix each copy was
+    made of. Matrices of other types (a quantized tower's, or rows that fell back to another type) stay as
+    they are."""
     if products == GGML_PRODUCTS:
         return None
     taken = ops.packs if products.ours else (lambda m: ggml.struct(m).type == int(F16))
-    fields = [[w.field for w in names(type(block)) if w.kind is Kind.MATRIX and taken(getattr(block, w.field))]
-              for block in blocks]
+    fields = [[w.field for w in names(type(block))
+               if w.kind is Kind.MATRIX and chosen(w.field) and taken(getattr(block, w.field))] for block in blocks]
     matrices = [getattr(block, name) for block, block_fields in zip(blocks, fields) for name in block_fields]
+    if not matrices:
+        return None
     if products.ours:
         memory, copies = ops.pack(backend, matrices, products)
     else:
@@ -128,7 +140,7 @@ def tower_paths(chosen: Paths, weights_type: int, hp: VisionHParams, on_cpu: boo
         return GGML_PATHS
     paths = chosen
     if weights_type != int(F16):
-        paths = replace(paths, products=GGML_PRODUCTS)
+        paths = replace(paths, products=GGML_PRODUCTS, mlp_down=GGML_PRODUCTS)
     if paths.attention.ours and hp.hidden_size // hp.attention_heads > library.max_head_dim():
         paths = replace(paths, attention=GGML_FLASH_ATTENTION)
     return paths
@@ -257,10 +269,11 @@ class VisionGraph:
 
     def mlp(self, x: Tensor, w: VisionLayer) -> Tensor:
         hidden = self.gelu(self.product(w.ffn_up, x), w.ffn_up_bias)
-        return self.g.add(self.product(w.ffn_down, hidden), w.ffn_down_bias)
+        return self.g.add(self.product(w.ffn_down, hidden, self.paths.mlp_down), w.ffn_down_bias)
 
-    def product(self, weight: Tensor, x: Tensor) -> Tensor:
-        return product(self.g, weight, x, self.paths.products, self.tower.originals.get(weight))
+    def product(self, weight: Tensor, x: Tensor, path: KernelPath | None = None) -> Tensor:
+        """weight · x in `path` (the products' unless said)."""
+        return product(self.g, weight, x, path or self.paths.products, self.tower.originals.get(weight))
 
     def gelu(self, x: Tensor, bias: Tensor) -> Tensor:
         return biased_gelu(self.g, x, bias, self.paths.gelu)
