@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dataclasses import replace
+
 from models.kernels import library
 from models.kernels.paths import Arithmetic, Isa, KernelPath, Paths
 
@@ -40,3 +42,13 @@ def f32_paths(**others: KernelPath) -> Paths:
     for op, path in chosen.items():
         require(path, op)
     return Paths(**chosen)
+
+
+def without_int8(threads: int = 2) -> Paths:
+    """This CPU's chosen paths with the MLP's down product in the other products' arithmetic: for tests that
+    bound what a file's quantization costs, not what int8 costs (on the tests' narrow random models int8 adds
+    about as much as Q8_0 weights; at the real widths it stays within HF bf16's error, docs/PERFORMANCE.md)."""
+    from assistant.runtime import kernel_choice
+
+    chosen = kernel_choice.choose(threads)
+    return replace(chosen, mlp_down=chosen.products)

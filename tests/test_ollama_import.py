@@ -28,7 +28,7 @@ from convert.pipeline import convert
 from models.mllama import gguf_keys as K
 from models.mllama import weights as W
 from models.mllama.hparams import ImagePreprocessing
-from tests.kernel_paths import f32_paths
+from tests.kernel_paths import f32_paths, without_int8
 from tests.conftest import run_lva
 from tests.ollama_store import CONVERTERS, permute_heads, write_model, write_other_model
 from tests.server.lva_server import LvaServer
@@ -261,7 +261,7 @@ def checkpoint_520(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def image_prompt_logits(text: Path, checkpoint: Path | None = None) -> np.ndarray:
-    model = load_model(text, n_ctx=256)
+    model = load_model(text, n_ctx=256, kernel_paths=without_int8())
     try:
         if checkpoint is not None:
             with_checkpoint_preprocessing(model, checkpoint)

@@ -19,7 +19,7 @@ from convert.pipeline import convert
 from models import ggml
 from models.ggml import BF16
 from models.kernels.paths import GGML_BF16_PRODUCTS, GGML_PATHS, GGML_PRODUCTS, Arithmetic, Paths
-from tests.kernel_paths import f32_paths, widest
+from tests.kernel_paths import f32_paths, widest, without_int8
 from tests.synthetic_checkpoint import small_config, write_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -164,7 +164,7 @@ def test_quantized_builds_stay_within_their_measured_bound(checkpoint_256: Path,
     quant_pair = convert(str(checkpoint_256), tmp_path / quant, quant=quant, progress=False)
     results = []
     for pair in (reference_pair, quant_pair):
-        model = load_model(pair.text, n_ctx=256)
+        model = load_model(pair.text, n_ctx=256, kernel_paths=without_int8())
         try:
             ids = model.tokenize("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>Describe it.")
             results.append(model.logits(ids, IMAGES / "rgb_173x97.png"))
