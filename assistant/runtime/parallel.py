@@ -3,7 +3,8 @@ evaluates every active slot's rows in one `llama_decode` per step (continuous ba
 slots do).
 
 On a CPU a decoded token costs a read of every weight; decoding four sequences in one step reads them
-once, so the machine gives several answers in about the time of one. Each step:
+once, so where reading the weights sets the pace the machine gives several answers in about the time of
+one (where the arithmetic does, less: docs/PERFORMANCE.md). Each step:
 
 1. admits waiting requests into free slots (the slot whose kept tokens share the longest prefix with the
    prompt, so a client resending its conversation has only the new turn evaluated);
