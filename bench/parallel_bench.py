@@ -45,9 +45,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from assistant import load_model  # noqa: E402
-from models import ggml  # noqa: E402
 from assistant.runtime.sampling import SamplingParams  # noqa: E402
 from assistant.runtime.parallel import ParallelDecoder, Request  # noqa: E402
+from models import ggml  # noqa: E402
 from first_answer_bench import prepare  # noqa: E402
 from report import machine, write_section  # noqa: E402
 from synthetic_pair import FULL, make_image  # noqa: E402
@@ -73,11 +73,16 @@ class StockStreams:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
         self.model = llama_cpp.llama_model_load_from_file(str(text).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {text}")
         context_params = llama_cpp.llama_context_default_params()
         context_params.n_ctx, context_params.n_seq_max, context_params.kv_unified = 256 * streams, streams, True
         context_params.n_batch = context_params.n_ubatch = 256
         context_params.n_threads = context_params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, context_params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError(f"llama.cpp could not make a context of {streams} sequences")
         self.batch = llama_cpp.llama_batch_init(PROMPT_TOKENS * streams, 0, 1)
         self.streams, self.position = streams, PROMPT_TOKENS
         self.rng = np.random.default_rng(0)
@@ -147,14 +152,17 @@ def paired_rates(text: Path, model, images: list[Path], threads: int) -> tuple[d
     stock: dict[int, float] = {}
     ours: dict[int, float] = {}
     for n in STREAMS:
-        theirs, mine = StockStreams(text, n, threads), LvaStreams(model, images, n)
+        theirs = StockStreams(text, n, threads)
         try:
-            for _ in range(ROUNDS):
-                stock[n] = max(stock.get(n, 0.0), theirs.rate(DECODE_TOKENS))
-                ours[n] = max(ours.get(n, 0.0), mine.rate(DECODE_TOKENS))
+            mine = LvaStreams(model, images, n)
+            try:
+                for _ in range(ROUNDS):
+                    stock[n] = max(stock.get(n, 0.0), theirs.rate(DECODE_TOKENS))
+                    ours[n] = max(ours.get(n, 0.0), mine.rate(DECODE_TOKENS))
+            finally:
+                mine.close()
         finally:
             theirs.close()
-            mine.close()
         print(f"{n} streams: stock {stock[n]:.2f} tok/s, lva {ours[n]:.2f} tok/s", flush=True)
     return stock, ours
 
