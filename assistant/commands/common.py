@@ -74,9 +74,10 @@ def parallel_from(args: argparse.Namespace, text: Path | None, environment: str 
             wanted = int(os.environ[environment]) or None          # 0: Ollama's "choose for me"
         except ValueError:
             raise ModelError(f"${environment}={os.environ[environment]} is not a number") from None
+    if wanted is not None and wanted < 1:
+        said = "--parallel" if args.parallel is not None else f"${environment}"
+        raise ModelError(f"{said} must be at least 1 (got {wanted})")
     if text is None:
-        if wanted is not None and wanted < 1:
-            raise ModelError(f"--parallel must be at least 1 (got {wanted})")
         return wanted or DEFAULT_PARALLEL
     from gguf import LlamaFileType
 

@@ -49,11 +49,9 @@ def available_bytes() -> int | None:
 
 
 def sequences_that_fit(files: list[Path], n_ctx: int, wanted: int | None, bytes_per_value: int = 2) -> int:
-    """`wanted` sequences of `n_ctx` tokens when they fit, else a one-line ModelError; without `wanted`, the
-    most up to DEFAULT_PARALLEL that fit (at least one: a model that does not fit at all says so when it
-    loads)."""
-    if wanted is not None and wanted < 1:
-        raise ModelError(f"--parallel must be at least 1 (got {wanted})")
+    """`wanted` (at least 1, checked by the caller) sequences of `n_ctx` tokens when they fit, else a one-line
+    ModelError; without `wanted`, the most up to DEFAULT_PARALLEL that fit (at least one: a model that does not
+    fit at all says so when it loads)."""
     per_sequence = kv_bytes_per_token(files[0], bytes_per_value) * n_ctx
     available = available_bytes()
     if available is None:
