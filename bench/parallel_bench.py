@@ -12,6 +12,9 @@ only decoding is timed). In one run, on one machine, 2 threads (the default):
 - the two in turn, twice for each N, the best of each kept (this VM's speed drifts over minutes);
 - llama.cpp's own CPU products for the file's largest matrices with 1, 2 and 4 columns: how much dearer
   four tokens are than one where the arithmetic, not the reading of weights, sets the pace;
+- stock llama.cpp's 1- and 4-sequence rates under its other settings (weights not repacked, a KV cache per
+  sequence, flash attention off): whether any way of running llama.cpp gives four sequences twice one's
+  tokens per second on this CPU;
 - a request arriving while 3 streams decode: its time to first token, against the same request alone;
 - `lva batch` on 16 questions about 4 images (4 each), `--parallel 1` and `--parallel 4`: wall times with
   the images encoded in the run (a fresh LVA_HOME), then again with them found in that home's feature cache
@@ -20,7 +23,7 @@ only decoding is timed). In one run, on one machine, 2 threads (the default):
 Targets (the parallel-answers issue): lva's 4-stream speed-up over one stream at least 0.9 x stock's
 4-sequence speed-up, and at least 2x; the newcomer's first token within its solo time + 25 %.
 
-    python bench/parallel_bench.py --work /tmp/lva-first-answer --reuse              # about 20 minutes
+    python bench/parallel_bench.py --work /tmp/lva-first-answer --reuse              # about 30 minutes
     python bench/parallel_bench.py --work /tmp/lva-first-answer --reuse --write-docs
 """
 
@@ -52,12 +55,18 @@ from first_answer_bench import prepare  # noqa: E402
 from report import machine, write_section  # noqa: E402
 from synthetic_pair import FULL, make_image  # noqa: E402
 
-STREAMS = (1, 2, 4)
+STREAMS = (1, 2, 4, 8, 16)             # the targets are at 4; 8 and 16 show where llama.cpp's kernels go on
 UNCACHED_BYTES = 256 << 20            # weights that no CPU cache holds
 ROUNDS = 2                           # stock and lva measured in turn, the best of each
 PRODUCTS = (("ffn_gate/up: Q4_K 4096 → 14336, repacked (q4_K_8x8)", GGMLQuantizationType.Q4_K, 4096, 14336, True),
             ("ffn_down: Q6_K 14336 → 4096", GGMLQuantizationType.Q6_K, 14336, 4096, False),
             ("output: Q6_K 4096 → 128256", GGMLQuantizationType.Q6_K, 4096, 128256, False))
+# Stock llama.cpp's other ways to decode several sequences (StockStreams' keywords): what lva could choose.
+SETTINGS = (("as lva runs it: weights repacked, one KV cache, flash attention as llama.cpp chooses", {}),
+            ("weights not repacked", {"repack": False}),
+            ("one KV cache per sequence", {"unified": False}),
+            ("flash attention off", {"flash": False}),
+            ("one KV cache per sequence, flash attention off", {"unified": False, "flash": False}))
 PROMPT_TOKENS, DECODE_TOKENS = 64, 64
 SPEEDUP_SHARE, SPEEDUP_FLOOR, NEWCOMER_SLACK = 0.9, 2.0, 1.25
 BATCH_QUESTIONS = ("What is in this picture?", "Describe its colours.", "What stands out in it?", "Write a caption.")
@@ -67,17 +76,23 @@ HEADING = "## Several answers at once (`lva serve --parallel`, `lva batch --para
 
 class StockStreams:
     """llama.cpp alone: the text file, one context with `streams` sequences in a unified KV cache, each a
-    64-token prompt already evaluated; `rate` decodes one token of every sequence per step."""
+    64-token prompt already evaluated; `rate` decodes one token of every sequence per step. The settings
+    lva uses unless told: `repack` (llama.cpp's CPU_REPACK layout for the weights), `unified` (one KV cache
+    for every sequence), `flash` (flash attention; None: llama.cpp's choice)."""
 
-    def __init__(self, text: Path, streams: int, threads: int) -> None:
+    def __init__(self, text: Path, streams: int, threads: int, repack: bool = True, unified: bool = True,
+                 flash: bool | None = None) -> None:
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers, params.use_extra_bufts = 0, repack
         self.model = llama_cpp.llama_model_load_from_file(str(text).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {text}")
         context_params = llama_cpp.llama_context_default_params()
-        context_params.n_ctx, context_params.n_seq_max, context_params.kv_unified = 256 * streams, streams, True
-        context_params.n_batch = context_params.n_ubatch = 256
+        context_params.n_ctx, context_params.n_seq_max, context_params.kv_unified = 256 * streams, streams, unified
+        if flash is not None:
+            context_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
+                                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        context_params.n_batch = context_params.n_ubatch = max(256, PROMPT_TOKENS * streams)
         context_params.n_threads = context_params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, context_params)
         if not self.ctx:
@@ -119,16 +134,28 @@ def prompt(model, words: int) -> list[int]:
                           "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def prompt_of_length(model, tokens: int) -> list[int]:
+    """A prompt of at least `tokens` ids, as few words over as the tokenizer allows: each stream's context
+    as long as stock's, since with one KV cache every row's attention passes over every sequence's cells."""
+    words = 0
+    while len(ids := prompt(model, words)) < tokens:
+        words += 1
+    return ids
+
+
 class LvaStreams:
-    """lva's `ParallelDecoder`: `streams` greedy answers, each about its own image, their prompts evaluated
-    and first tokens out; `rate` times steps where every stream decodes."""
+    """lva's `ParallelDecoder`: `streams` greedy answers, each about an image, their prompts evaluated and
+    first tokens out; `rate` times steps where every stream decodes. Past len(images) streams the images
+    repeat, never on neighbouring streams, so each stream's rows still read their image's K/V on their own."""
 
     def __init__(self, model, images: list[Path], streams: int) -> None:
         self.decoder = ParallelDecoder(model, streams, 1024)
         greedy = SamplingParams(temperature=0.0)
         self.streams = streams
-        self.answers = [self.decoder.submit(Request(prompt(model, 40), images[i], greedy, max_tokens=10_000,
-                                                    stop_at_end_of_turn=False)) for i in range(streams)]
+        self.prompt = prompt_of_length(model, PROMPT_TOKENS)
+        self.answers = [self.decoder.submit(Request(self.prompt, images[i % len(images)], greedy,
+                                                    max_tokens=10_000, stop_at_end_of_turn=False))
+                        for i in range(streams)]
         while not all(slot.last is not None for slot in self.decoder.slots):
             self.decoder.step()
 
@@ -205,6 +232,44 @@ def product_scaling(threads: int) -> dict[str, dict[int, float]]:
         scratch.close()
         backend.close()
     return found
+
+
+def interleaved_rates(streams_of: dict[str, tuple[int, dict]], text: Path, threads: int) -> dict[str, float]:
+    """Stock llama.cpp's tokens per second for each labelled (sequences, settings), all loaded at once and
+    measured in turn, best of ROUNDS + 1: differences of a few per cent between settings are smaller than
+    this VM's drift over minutes."""
+    contexts: dict[str, StockStreams] = {}
+    try:
+        for label, (streams, settings) in streams_of.items():
+            contexts[label] = StockStreams(text, streams, threads, **settings)
+        rates: dict[str, float] = {}
+        for _ in range(ROUNDS + 1):
+            for label, context in contexts.items():
+                rates[label] = max(rates.get(label, 0.0), context.rate(DECODE_TOKENS))
+        return rates
+    finally:
+        for context in contexts.values():
+            context.close()
+
+
+def stock_settings(text: Path, threads: int) -> dict[str, dict[int, float]]:
+    """Stock's 1- and 4-sequence rates under each of SETTINGS."""
+    found: dict[str, dict[int, float]] = {label: {} for label, _ in SETTINGS}
+    for n in (1, 4):
+        rates = interleaved_rates({label: (n, settings) for label, settings in SETTINGS}, text, threads)
+        for label, rate in rates.items():
+            found[label][n] = rate
+    print("settings:", found, flush=True)
+    return found
+
+
+def settings_lines(settings: dict[str, dict[int, float]]) -> list[str]:
+    lines = ["", "Stock llama.cpp's other ways to decode several sequences, the same text file, each way's 1 and 4 "
+             f"sequences loaded at once and measured in turn (best of {ROUNDS + 1}):", "",
+             "| llama.cpp setting | 1 sequence tok/s | 4 sequences tok/s | 4 against 1 |", "|---|--:|--:|--:|"]
+    lines += [f"| {label} | {rates[1]:.2f} | {rates[4]:.2f} | {rates[4] / rates[1]:.2f} × |"
+              for label, rates in settings.items()]
+    return lines
 
 
 def scaling_lines(found: dict[str, dict[int, float]]) -> list[str]:
@@ -308,13 +373,14 @@ def main() -> None:
 
     scaling = product_scaling(args.threads)
     print("products:", scaling, flush=True)
+    settings = stock_settings(pair.text, args.threads)
     model = load_model(pair.text, n_ctx=1024, n_threads=args.threads)
     for image in images:
         model.encode_image(image)                              # every stream's image already encoded
     stock, ours = paired_rates(pair.text, model, images, args.threads)
     solo = first_token_seconds(model, images[3], [])
     among = first_token_seconds(model, images[3], images[:3])
-    paths = str(model.kernel_paths)
+    paths, lva_prompt = str(model.kernel_paths), len(prompt_of_length(model, PROMPT_TOKENS))
     model.close()
     batch = batch_runs(pair.text, images, args.work, args.threads, args.reuse)
 
@@ -322,9 +388,10 @@ def main() -> None:
     share = SPEEDUP_SHARE * stock_speedup
     lines = [f"Measured {datetime.date.today().isoformat()} by `python bench/parallel_bench.py` on {machine()}, "
              f"{args.threads} threads; the synthetic 11B-width checkpoint ({FULL.describe()}), Q4_K_M; lva's "
-             f"paths: {paths}. Each lva stream asks about its own 4-tile image, encoded beforehand; stock llama.cpp "
-             f"decodes the same text file, {PROMPT_TOKENS}-token prompts; {DECODE_TOKENS} decode steps timed, the two "
-             f"measured in turn, best of {ROUNDS}.", "",
+             f"paths: {paths}. Each lva stream asks about a 4-tile image, encoded beforehand ({len(images)} images; with "
+             f"more streams they repeat, never on neighbouring streams), in a {lva_prompt}-token prompt; stock "
+             f"llama.cpp decodes the same text file, {PROMPT_TOKENS}-token prompts; {DECODE_TOKENS} decode steps "
+             f"timed, the two measured in turn, best of {ROUNDS}.", "",
              "| streams | stock llama.cpp tok/s | × 1 stream | lva tok/s | × 1 stream |", "|--:|--:|--:|--:|--:|"]
     lines += [f"| {n} | {stock[n]:.2f} | {stock[n] / stock[1]:.2f} | {ours[n]:.2f} | {ours[n] / ours[1]:.2f} |"
               for n in STREAMS]
@@ -337,6 +404,7 @@ def main() -> None:
               f"{NEWCOMER_SLACK * solo:.2f} s | {among:.2f} s | "
               f"{'PASS' if among <= NEWCOMER_SLACK * solo else '**MISS**'} |"]
     lines += scaling_lines(scaling)
+    lines += settings_lines(settings)
     lines += batch_lines(batch)
     report = "\n".join(lines)
     print(report)
