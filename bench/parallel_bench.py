@@ -1,16 +1,16 @@
-"""Several answers at once: lva's aggregate decode rate with 1, 2 and 4 streams beside stock llama.cpp's
+"""Several answers at once: lva's aggregate decode rate with 1, 2, 4, 8 and 16 streams beside stock llama.cpp's
 batched decode of the same text file, and how long a request arriving among 3 decoding streams waits.
 
 On the synthetic 11B-width Q4_K_M checkpoint of the first-answer bench (10 text layers, 2 of them
-cross-attention, the full vision tower), each stream about its own 4-tile image, already encoded (so
-only decoding is timed). In one run, on one machine, 2 threads (the default):
+cross-attention, the full vision tower), each stream about a 4-tile image (4 images, repeated past 4
+streams), already encoded (so only decoding is timed). In one run, on one machine, 2 threads (the default):
 
 - stock llama.cpp (llama-cpp-python, no lva): the text file, one context with N sequences in a unified KV
   cache, each sequence a 64-token prompt, then 64 steps that decode one token of every sequence;
-- lva (`ParallelDecoder`): N requests with their images, greedy; 64 steps where every stream decodes
-  (no prompt rows) are timed;
+- lva (`ParallelDecoder`): N requests with their images, prompts as long as stock's, greedy; 64 steps
+  where every stream decodes (no prompt rows) are timed;
 - the two in turn, twice for each N, the best of each kept (this VM's speed drifts over minutes);
-- llama.cpp's own CPU products for the file's largest matrices with 1, 2 and 4 columns: how much dearer
+- llama.cpp's own CPU products for the file's largest matrices with 1 to 16 columns: how much dearer
   four tokens are than one where the arithmetic, not the reading of weights, sets the pace;
 - stock llama.cpp's 1- and 4-sequence rates under its other settings (weights not repacked, a KV cache per
   sequence, flash attention off): whether any way of running llama.cpp gives four sequences twice one's
@@ -152,8 +152,8 @@ class LvaStreams:
         self.decoder = ParallelDecoder(model, streams, 1024)
         greedy = SamplingParams(temperature=0.0)
         self.streams = streams
-        self.prompt = prompt_of_length(model, PROMPT_TOKENS)
-        self.answers = [self.decoder.submit(Request(self.prompt, images[i % len(images)], greedy,
+        ids = prompt_of_length(model, PROMPT_TOKENS)
+        self.answers = [self.decoder.submit(Request(ids, images[i % len(images)], greedy,
                                                     max_tokens=10_000, stop_at_end_of_turn=False))
                         for i in range(streams)]
         while not all(slot.last is not None for slot in self.decoder.slots):
